@@ -37,7 +37,13 @@ def _resolve_hub_id(repo_id: str) -> Path:
             "hub id; `pip install huggingface_hub` (and download it once), or pass a local directory "
             "holding config.json and model.safetensors"
         ) from None
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json"]
+    patterns = [
+        "config.json",
+        "*.safetensors",
+        "*.safetensors.index.json",
+        "pytorch_model*.bin",
+        "*.bin.index.json",
+    ]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all mean "not available"
@@ -89,7 +95,9 @@ def _entries(path: Path) -> dict[str, _Entry]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt zip/pickle
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state_dict of tensors")
     return {k: _Entry(v.shape, (lambda v=v: v)) for k, v in state.items()}
@@ -128,7 +136,9 @@ def copy_state_dict(model: FastUperNet, entries: dict[str, _Entry], strict: bool
         if k in expected and v.shape != tuple(expected[k].shape)
     ]
     if mismatched:
-        raise CheckpointError(f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:10]))
+        raise CheckpointError(
+            f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:10])
+        )
     with torch.no_grad():
         for key, entry in entries.items():
             if key in expected:
@@ -168,7 +178,9 @@ def load(
             if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
                 path = _resolve_hub_id(source)
             else:
-                raise FileNotFoundError(f"{source} does not exist (expected a checkpoint directory or a hub id)")
+                raise FileNotFoundError(
+                    f"{source} does not exist (expected a checkpoint directory or a hub id)"
+                )
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory (expected config.json + weights inside)")
         config = UperNetConfig.from_any(path / "config.json")

@@ -25,7 +25,9 @@ from .folding import cached, fold_batchnorm
 class UperNetConvModule(nn.Module):
     """Conv2d(bias=False) → BatchNorm2d → ReLU; evaluated as one conv with the BN folded in."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1
+    ):
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, padding=padding, bias=False, dilation=dilation
@@ -82,11 +84,15 @@ class UperNetHead(nn.Module):
         self.bottleneck = UperNetConvModule(
             self.in_channels[-1] + len(self.pool_scales) * self.channels, self.channels, 3, padding=1
         )
-        self.lateral_convs = nn.ModuleList(UperNetConvModule(c, self.channels, 1) for c in self.in_channels[:-1])
+        self.lateral_convs = nn.ModuleList(
+            UperNetConvModule(c, self.channels, 1) for c in self.in_channels[:-1]
+        )
         self.fpn_convs = nn.ModuleList(
             UperNetConvModule(self.channels, self.channels, 3, padding=1) for _ in self.in_channels[:-1]
         )
-        self.fpn_bottleneck = UperNetConvModule(len(self.in_channels) * self.channels, self.channels, 3, padding=1)
+        self.fpn_bottleneck = UperNetConvModule(
+            len(self.in_channels) * self.channels, self.channels, 3, padding=1
+        )
 
     def _split_bottleneck(self, module: UperNetConvModule, first: int, n_low: int) -> tuple:
         """Folded weight of a 3x3 bottleneck split into the directly convolved first group and the tap
@@ -102,7 +108,9 @@ class UperNetHead(nn.Module):
         return cached(module, f"split{first}_{n_low}", sources, build)
 
     def psp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_direct, bias, w_taps = self._split_bottleneck(self.bottleneck, self.in_channels[-1], len(self.pool_scales))
+        w_direct, bias, w_taps = self._split_bottleneck(
+            self.bottleneck, self.in_channels[-1], len(self.pool_scales)
+        )
         size = x.shape[2:]
         out = ops.conv_bn_relu(x, w_direct, bias, padding=1, relu=False)
         pooled = ops.adaptive_pool_multi(x, self.pool_scales)

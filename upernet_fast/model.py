@@ -125,7 +125,9 @@ class FastUperNet(nn.Module):
             raise ValueError("The number of labels should be greater than one")
         cfg = self.config
         return_dict = cfg.return_dict if return_dict is None else return_dict
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
 
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
@@ -161,5 +163,7 @@ class FastUperNet(nn.Module):
         loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
         if self.auxiliary_head is not None:
             aux = ops.resize_bilinear(self.auxiliary_head(features), size)
-            loss = loss + self.config.auxiliary_loss_weight * F.cross_entropy(aux, labels.long(), ignore_index=ignore)
+            loss = loss + self.config.auxiliary_loss_weight * F.cross_entropy(
+                aux, labels.long(), ignore_index=ignore
+            )
         return loss

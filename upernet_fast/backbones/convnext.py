@@ -96,7 +96,10 @@ class ConvNextStage(nn.Module):
         super().__init__()
         if in_dim != out_dim or stride > 1:
             self.downsampling_layer = nn.ModuleList(
-                [LayerNorm2d(in_dim, eps=LN_EPS), nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride)]
+                [
+                    LayerNorm2d(in_dim, eps=LN_EPS),
+                    nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride),
+                ]
             )
         else:
             self.downsampling_layer = nn.ModuleList()
@@ -126,7 +129,9 @@ class ConvNextBackbone(Backbone):
         super().__init__()
         cfg = {**CONVNEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         if cfg["hidden_act"] not in ACTIVATIONS:
-            raise ValueError(f"ConvNeXt hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(ACTIVATIONS)}")
+            raise ValueError(
+                f"ConvNeXt hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(ACTIVATIONS)}"
+            )
         if len(cfg["hidden_sizes"]) != cfg["num_stages"] or len(cfg["depths"]) != cfg["num_stages"]:
             raise ValueError("ConvNeXt config: hidden_sizes and depths must both have num_stages entries")
         self.num_channels = cfg["num_channels"]

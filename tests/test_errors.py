@@ -1,0 +1,169 @@
+"""Bad input gets a clear, specific error (what was wrong, what was expected), each checked here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_reference
+from safetensors.torch import load_file, save_file
+
+import upernet_fast
+from upernet_fast import CheckpointError, FastUperNet
+
+
+@pytest.fixture(scope="module")
+def model():
+    return upernet_fast.load(make_reference("convnext"))
+
+
+@pytest.fixture
+def ckpt(tmp_checkpoint):
+    return tmp_checkpoint(make_reference("convnext"))
+
+
+def test_wrong_rank(model):
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\).*\(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_wrong_channels(model):
+    with pytest.raises(ValueError, match="1 channels, the model expects 3"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="64 channels, the model expects 3"):
+        model(torch.randn(1, 64, 64, 3))  # NHWC by mistake
+
+
+def test_integer_dtype(model):
+    with pytest.raises(TypeError, match="floating-point.*uint8"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_dtype_mismatch(model):
+    with pytest.raises(TypeError, match="float64 differs from the model's torch.float32"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+
+
+def test_too_small(model):
+    with pytest.raises(ValueError, match="smaller than the backbone's total stride 32"):
+        model(torch.randn(1, 3, 31, 200))
+
+
+def test_not_a_tensor(model):
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model([[0.0]])
+
+
+def test_bad_labels(model):
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(x, labels=torch.zeros(1, 32, 32, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(x, labels=torch.zeros(1, 64, 64))
+
+
+def test_training_mode_refused(model):
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="inference-only"):
+            model(torch.randn(1, 3, 64, 64))
+    finally:
+        model.eval()
+
+
+def _rewrite(path, mutate):
+    state = load_file(path / "model.safetensors")
+    mutate(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_missing_key_named(ckpt):
+    _rewrite(ckpt, lambda s: s.pop("decode_head.classifier.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): decode_head.classifier.weight"):
+        upernet_fast.load(ckpt)
+
+
+def test_unexpected_key_named(ckpt):
+    _rewrite(ckpt, lambda s: s.__setitem__("decode_head.extra.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): decode_head.extra.weight"):
+        upernet_fast.load(ckpt)
+    assert upernet_fast.load(ckpt, strict=False) is not None
+
+
+def test_shape_mismatch_named(ckpt):
+    _rewrite(ckpt, lambda s: s.__setitem__("decode_head.classifier.bias", torch.zeros(7)))
+    with pytest.raises(
+        CheckpointError, match=r"decode_head.classifier.bias: checkpoint \(7,\) vs model \(5,\)"
+    ):
+        upernet_fast.load(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        upernet_fast.load(ckpt)
+
+
+def test_corrupt_bin(ckpt):
+    os.remove(ckpt / "model.safetensors")
+    (ckpt / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is truncated or not a PyTorch checkpoint"):
+        upernet_fast.load(ckpt)
+
+
+def test_no_weights(ckpt):
+    os.remove(ckpt / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        upernet_fast.load(ckpt)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        upernet_fast.load(tmp_path / "nope")
+
+
+def test_config_without_backbone_config(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["backbone_config"] = {"hidden_sizes": [8, 16]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="backbone_config has no 'model_type'"):
+        upernet_fast.load(ckpt)
+    cfg["backbone_config"] = None
+    cfg["backbone"] = "timm/some-net"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="needs the backbone_config"):
+        upernet_fast.load(ckpt)
+
+
+def test_unknown_backbone_type():
+    with pytest.raises(ValueError, match="unknown backbone type 'no-such-net'.*native: convnext"):
+        FastUperNet.from_config({"backbone_config": {"model_type": "no-such-net"}})
+
+
+def test_unknown_backbone_without_transformers(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("simulated: transformers not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ValueError, match="no native implementation.*transformers is not installed"):
+        FastUperNet.from_config({"backbone_config": {"model_type": "dinov2"}})
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        upernet_fast.load(make_reference("convnext"), backend="cuda")
+
+
+def test_wrong_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer"}))
+    with pytest.raises(ValueError, match="model_type is 'segformer'; expected 'upernet'"):
+        upernet_fast.load(tmp_path)
