@@ -1,0 +1,281 @@
+"""End-to-end CPU benchmark: upernet_fast against transformers, in one process, interleaved.
+
+Variants: transformers eager, torch.compile(transformers) with inductor freezing (compile time reported
+apart), upernet_fast, torch.compile(upernet_fast). Every timed figure is the median of `--runs` calls after
+a warm-up call, the variants taking turns so drift hits all of them alike. Peak memory is the resident-set
+growth during a call (sampled every millisecond; the process runs with a fixed glibc mmap threshold so
+freed tensors leave the RSS). Answers are compared with transformers eager: max |logit difference|
+relative to max |logit| and argmax agreement.
+
+    python bench/e2e.py                      # full matrix (long: ~30+ min on 2 cores)
+    python bench/e2e.py --quick              # CI smoke run: tiny configs, eager only
+    python bench/e2e.py --models convnext-tiny --sizes 512x512 --batches 1 --variants hf,hf-compile,fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+# Large tensors must come from mmap so that freeing them shrinks the RSS (else peaks are unmeasurable).
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+MODELS: dict[str, dict[str, Any]] = {
+    "convnext-tiny": dict(
+        backbone_config=dict(model_type="convnext", hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]),
+        hidden_size=512,
+        num_labels=150,
+    ),
+    "swin-tiny": dict(
+        backbone_config=dict(
+            model_type="swin", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7
+        ),
+        hidden_size=512,
+        num_labels=150,
+    ),
+    # --quick: small enough for CI
+    "convnext-mini": dict(
+        backbone_config=dict(model_type="convnext", hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1]),
+        hidden_size=64,
+        num_labels=19,
+    ),
+    "swin-mini": dict(
+        backbone_config=dict(
+            model_type="swin", embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7
+        ),
+        hidden_size=64,
+        num_labels=19,
+    ),
+}
+VARIANTS = ("hf", "hf-compile", "fast", "fast-compile")
+
+
+class PeakRSS:
+    """Peak resident-set growth over a block, sampled from /proc every millisecond."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def build_reference(name: str, seed: int = 0):
+    """transformers UperNet with random weights and realistic BatchNorm statistics (calibrated on noise)."""
+    from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+    spec = MODELS[name]
+    bb = dict(spec["backbone_config"])
+    bb_cfg = AutoConfig.for_model(
+        bb.pop("model_type"), out_features=["stage1", "stage2", "stage3", "stage4"], **bb
+    )
+    torch.manual_seed(seed)
+    cfg = UperNetConfig(
+        backbone_config=bb_cfg, hidden_size=spec["hidden_size"], num_labels=spec["num_labels"]
+    )
+    model = UperNetForSemanticSegmentation(cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 256, 256))
+    return model.eval()
+
+
+def machine_info() -> dict[str, Any]:
+    import numpy
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(
+        platform=platform.platform(),
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=triton_version,
+        numpy=numpy.__version__,
+        backend="torch (CPU)",
+    )
+
+
+def run_config(model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int) -> dict:
+    import upernet_fast
+
+    ref = build_reference(model_name)
+    fast = upernet_fast.load(ref)
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+    fns: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    if "hf" in variants:
+        fns["hf"] = lambda: ref(x).logits
+    if "fast" in variants:
+        fns["fast"] = lambda: fast(x).logits
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    if "hf-compile" in variants:
+        compiled_ref = torch.compile(ref)
+        fns["hf-compile"] = lambda: compiled_ref(x).logits
+    if "fast-compile" in variants:
+        compiled_fast = torch.compile(fast)
+        fns["fast-compile"] = lambda: compiled_fast(x).logits
+
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    peaks: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for v, fn in fns.items():  # warm-up (and compilation)
+            t = time.perf_counter()
+            outputs[v] = fn().clone()
+            if v.endswith("compile"):
+                compile_s[v] = time.perf_counter() - t
+        for _ in range(runs):
+            for v, fn in fns.items():
+                with PeakRSS() as mem:
+                    t = time.perf_counter()
+                    fn()
+                    times[v].append(time.perf_counter() - t)
+                peaks[v] = max(peaks.get(v, 0.0), mem.growth_mb)
+    reference = outputs.get("hf")
+    rows = []
+    base = statistics.median(times["hf"]) if "hf" in times else None
+    base_compile = statistics.median(times["hf-compile"]) if "hf-compile" in times else None
+    for v in fns:
+        med = statistics.median(times[v])
+        row: dict[str, Any] = dict(
+            model=model_name,
+            size=f"{size[0]}x{size[1]}",
+            batch=batch,
+            variant=v,
+            median_s=med,
+            runs_s=times[v],
+            peak_mb=peaks[v],
+            speedup_vs_hf=(base / med) if base else None,
+            speedup_vs_hf_compile=(base_compile / med) if base_compile else None,
+            compile_s=compile_s.get(v),
+        )
+        if reference is not None:
+            out = outputs[v]
+            diff = (out - reference).abs().max().item()
+            scale = reference.abs().max().item()
+            row.update(
+                max_abs_diff=diff,
+                rel_diff=diff / scale,
+                argmax_agree=(out.argmax(1) == reference.argmax(1)).float().mean().item(),
+            )
+        rows.append(row)
+    return dict(rows=rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| model | size | batch | variant | median s | x hf eager | x hf compile | peak MB | "
+        "max abs diff (rel) | argmax agree | compile s |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+
+        def fmt(v: Any, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        rel = f"{r['max_abs_diff']:.2e} ({r['rel_diff']:.1e})" if "max_abs_diff" in r else "-"
+        agree = f"{100 * r['argmax_agree']:.3f}%" if "argmax_agree" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch']} | {r['variant']} | {r['median_s']:.3f} | "
+            f"{fmt(r['speedup_vs_hf'], '.2f')} | {fmt(r['speedup_vs_hf_compile'], '.2f')} | "
+            f"{r['peak_mb']:.0f} | {rel} | {agree} | {fmt(r['compile_s'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="convnext-tiny,swin-tiny")
+    p.add_argument("--sizes", default="512x512,512x683")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", default="bench/results/e2e.json", help="where to write the JSON results")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, eager variants, 2 runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.sizes, args.batches, args.variants, args.runs = (
+            "convnext-mini,swin-mini",
+            "96x128",
+            "1",
+            "hf,fast",
+            2,
+        )
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        p.error(f"unknown variant/model {unknown}; variants: {VARIANTS}, models: {sorted(MODELS)}")
+    info = machine_info()
+    print("machine:", json.dumps(info), flush=True)
+    rows: list[dict] = []
+    for model_name in args.models.split(","):
+        for size_s in args.sizes.split(","):
+            size = tuple(int(s) for s in size_s.split("x"))
+            for batch in (int(b) for b in args.batches.split(",")):
+                result = run_config(model_name, size, batch, variants, args.runs)
+                rows.extend(result["rows"])
+                print(format_table(result["rows"]), flush=True)
+    table = format_table(rows)
+    print("\n" + table)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, args=vars(args), rows=rows, table=table), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
