@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import compare_logits, make_reference
 from safetensors import safe_open
 
 import upernet_fast
+from conftest import compare_logits, make_reference
 from upernet_fast import FastUperNet
 
 BACKBONES = ["convnext", "swin", "resnet"]

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from conftest import make_reference
 from safetensors.torch import load_file, save_file
 
 import upernet_fast
+from conftest import make_reference
 from upernet_fast import CheckpointError, FastUperNet
 
 

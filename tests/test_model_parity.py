@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FOUR, compare_logits, make_reference
 
 import upernet_fast
+from conftest import FOUR, compare_logits, make_reference
 
 REL_TOL = 1e-4
 BACKBONES = ["convnext", "swin", "resnet"]

@@ -1,0 +1,59 @@
+"""Winograd F(4x4,3x3) against a float64 direct convolution (it is not exact: transforms amplify rounding).
+
+Tolerance: max |error| <= 5e-5 x max |output| in fp32 (measured ~1e-5 relative at 512 channels), and at
+most 30x the direct fp32 conv's own error + 1e-6 x scale, so a silent algebra bug cannot hide in it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upernet_fast.kernels.winograd import conv3x3_winograd, winograd_weight
+
+
+@pytest.mark.parametrize(
+    "batch,cin,cout,h,w",
+    [
+        (1, 3, 5, 1, 1),
+        (2, 7, 9, 13, 17),
+        (1, 16, 8, 4, 4),
+        (2, 33, 17, 29, 35),
+        (1, 64, 64, 64, 48),
+        (3, 8, 8, 5, 130),
+    ],
+)
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu):
+    g = torch.Generator().manual_seed(batch * 1000 + cin + h)
+    x = torch.randn(batch, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    bias = torch.randn(cout, generator=g)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    direct = F.conv2d(x, weight, bias, padding=1)
+    if relu:
+        ref, direct = F.relu(ref), F.relu(direct)
+    out = conv3x3_winograd(x, winograd_weight(weight), bias, relu=relu)
+    assert out.shape == ref.shape
+    scale = ref.abs().max().item()
+    err = (out.double() - ref).abs()
+    direct_err = (direct.double() - ref).abs().max().item()
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    assert err.max().item() <= 5e-5 * scale, f"error {err.max().item():.3g} at {worst}, scale {scale:.3g}"
+    assert err.max().item() <= 30 * direct_err + 1e-6 * scale, (
+        f"error {err.max().item():.3g} vs direct {direct_err:.3g}"
+    )
+
+
+def test_winograd_channels_last_and_noncontiguous_input():
+    x = torch.randn(1, 12, 20, 23).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 12, 3, 3) / 10
+    ref = F.conv2d(x.double(), weight.double(), padding=1)
+    torch.testing.assert_close(
+        conv3x3_winograd(x, winograd_weight(weight)).double(), ref, rtol=0, atol=5e-5 * 5
+    )
+    xs = torch.randn(1, 12, 40, 23)[:, :, ::2]  # strided view
+    ref = F.conv2d(xs.double(), weight.double(), padding=1)
+    torch.testing.assert_close(
+        conv3x3_winograd(xs, winograd_weight(weight)).double(), ref, rtol=0, atol=5e-5 * 5
+    )
