@@ -121,7 +121,12 @@ def copy_state_dict(model: FastUperNet, entries: dict[str, _Entry], strict: bool
     expected = model.state_dict()
     entries = model.backbone.remap_state_dict(entries, "backbone.")
     entries = {k: v for k, v in entries.items() if not (k.endswith(IGNORED_SUFFIXES) and k not in expected)}
-    missing = sorted(k for k in expected if k not in entries and not k.endswith("num_batches_tracked"))
+    optional = {"backbone." + k for k in getattr(model.backbone, "optional_keys", ())}
+    missing = sorted(
+        k
+        for k in expected
+        if k not in entries and not k.endswith("num_batches_tracked") and k not in optional
+    )
     unexpected = sorted(k for k in entries if k not in expected)
     if strict and (missing or unexpected):
         parts = []

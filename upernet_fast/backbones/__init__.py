@@ -8,21 +8,14 @@ from torch import nn
 
 from .base import Backbone, BackboneOutput
 from .convnext import ConvNextBackbone
+from .resnet import ResNetBackbone
+from .swin import SwinBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {"convnext": ConvNextBackbone}
-
-try:
-    from .swin import SwinBackbone
-
-    BACKBONES["swin"] = SwinBackbone
-except ImportError:  # pragma: no cover - while under construction
-    pass
-try:
-    from .resnet import ResNetBackbone
-
-    BACKBONES["resnet"] = ResNetBackbone
-except ImportError:  # pragma: no cover
-    pass
+BACKBONES: dict[str, type[Backbone]] = {
+    "convnext": ConvNextBackbone,
+    "swin": SwinBackbone,
+    "resnet": ResNetBackbone,
+}
 
 
 def build_backbone(backbone_config: dict[str, Any]) -> nn.Module:

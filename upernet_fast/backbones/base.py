@@ -49,6 +49,7 @@ class Backbone(nn.Module):
     channels: list[int]
     reduction: int
     num_channels: int = 3
+    optional_keys: tuple[str, ...] = ()  # may be absent from older checkpoints (kept, unused)
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
