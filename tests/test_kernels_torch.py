@@ -1,0 +1,331 @@
+"""PyTorch paths of the fused ops (kernels/) against the plain PyTorch compositions they replace,
+torch.compile tracing through the registered ops, and the backend dispatch.
+
+Tolerances: float64 must match to float rounding (the rewrites are exact identities); float32/float16 follow
+the project rule "error vs a float64 reference <= 2x PyTorch's own error in the same dtype + a small atol".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upernet_fast import dispatch
+from upernet_fast.kernels import (
+    adaptive_pool_multi,
+    conv3x3_taps_weight,
+    conv_bn_relu,
+    fold_batchnorm,
+    resize_argmax,
+    resize_bilinear,
+    topdown_add,
+    upsample_shift_add,
+)
+from upernet_fast.kernels.resize import resize_argmax_torch
+
+FACTOR = 2.0  # kernel error may be at most FACTOR x PyTorch's own error in the same dtype ...
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3}  # ... plus this
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
+    """Elementwise |actual - expected| <= atol, with a report of count, max error and worst index."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    bad = ~(diff <= atol)  # NaN counts as bad
+    if bad.any():
+        worst = tuple(
+            int(i) for i in torch.unravel_index(torch.nan_to_num(diff, nan=float("inf")).argmax(), diff.shape)
+        )
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {diff.numel()} elements differ by more than {atol:.3g}; "
+            f"max error {diff.max().item():.3g} at {worst}: got {actual[worst].item():.8g}, "
+            f"expected {expected[worst].item():.8g}"
+        )
+
+
+def assert_rule(out: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
+    """The tolerance rule: |out - ref64| <= FACTOR * max|plain - ref64| + ATOL[dtype]."""
+    own = (plain.double() - ref64).abs().max().item()
+    assert_close(
+        out, ref64, FACTOR * own + ATOL[out.dtype], f"{what} ({out.dtype}, PyTorch's own error {own:.3g})"
+    )
+
+
+def rand(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def cl(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------ conv_bn_relu
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_batchnorm_matches_conv_bn(conv_bias: bool) -> None:
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=conv_bias).double()
+    bn = torch.nn.BatchNorm2d(5, eps=1e-5).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(rand(5, seed=1, dtype=torch.float64))
+        bn.running_var.copy_(rand(5, seed=2, dtype=torch.float64).abs() + 0.3)
+        bn.weight.copy_(rand(5, seed=3, dtype=torch.float64))
+        bn.bias.copy_(rand(5, seed=4, dtype=torch.float64))
+    x = rand(2, 6, 7, 9, dtype=torch.float64)
+    w, b = fold_batchnorm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    with torch.no_grad():
+        assert_close(F.conv2d(x, w, b, padding=1), bn(conv(x)), 1e-12, "folded conv vs conv+bn (fp64)")
+    # float32 inputs: folded in float64, rounded once.
+    args32 = [t.float() if t is not None else None for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
+    w32, b32 = fold_batchnorm(*args32, bn.running_mean.float(), bn.running_var.float(), bn.eps)
+    w64, b64 = fold_batchnorm(
+        *[t.double() if t is not None else None for t in args32],
+        bn.running_mean.float().double(),
+        bn.running_var.float().double(),
+        bn.eps,
+    )
+    assert w32.dtype == torch.float32 and torch.equal(w32, w64.float()) and torch.equal(b32, b64.float())
+
+
+@pytest.mark.parametrize("k,pad", [(3, 1), (1, 0), (3, 0)])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_conv_bn_relu_torch(k: int, pad: int, relu: bool, layout: str) -> None:
+    x = rand(2, 7, 11, 13)
+    x = cl(x) if layout == "cl" else x
+    w, b = rand(9, 7, k, k, seed=1), rand(9, seed=2)
+    y = conv_bn_relu(x, w, b, pad, relu)
+    plain = F.conv2d(x, w, b, padding=pad)
+    plain = F.relu(plain) if relu else plain
+    assert_close(y, plain, 1e-6, "conv_bn_relu vs conv2d(+relu)")
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    assert_close(conv_bn_relu(x, w, None, pad, relu), F.relu(F.conv2d(x, w, None, padding=pad)) if relu else
+                 F.conv2d(x, w, None, padding=pad), 1e-6, "no bias")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- PPM
+POOL_CASES = [
+    ((2, 7, 5, 13), (1, 2, 3, 6)),  # overlapping bins, scale > height
+    ((1, 3, 16, 16), (1, 2, 3, 6)),  # the real bins at 512x512 input
+    ((2, 4, 1, 3), (1, 2, 5)),  # scale > both sides
+    ((1, 5, 23, 17), (4, 7)),
+]
+
+
+@pytest.mark.parametrize("shape,scales", POOL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_adaptive_pool_multi_torch(shape, scales, dtype) -> None:
+    x = rand(*shape, dtype=dtype)
+    outs = adaptive_pool_multi(x, list(scales))
+    assert len(outs) == len(scales)
+    for s, y in zip(scales, outs):
+        ref64 = F.adaptive_avg_pool2d(x.double(), s)
+        assert y.dtype == dtype and y.is_contiguous()
+        assert_rule(y, F.adaptive_avg_pool2d(x, s), ref64, f"adaptive_pool_multi s={s}")
+    for s, y in zip(scales, adaptive_pool_multi(cl(x), list(scales))):
+        assert_rule(
+            y, F.adaptive_avg_pool2d(x, s), F.adaptive_avg_pool2d(x.double(), s), f"channels-last s={s}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- FPN ops
+@pytest.mark.parametrize("lo_size", [(5, 7), (20, 11), (13, 17)])
+def test_topdown_add_torch(lo_size) -> None:
+    hi, lo = rand(2, 3, 13, 17), rand(2, 3, *lo_size, seed=1)
+    plain = hi + F.interpolate(lo, size=(13, 17), mode="bilinear", align_corners=False)
+    assert torch.equal(topdown_add(hi, lo), plain)
+    assert torch.equal(topdown_add(cl(hi), cl(lo)), plain)
+
+
+def test_conv3x3_taps_weight_order() -> None:
+    w = rand(4, 3, 3, 3)
+    t = conv3x3_taps_weight(w)
+    assert t.shape == (36, 3, 1, 1)
+    for ky in range(3):
+        for kx in range(3):
+            assert torch.equal(t[(ky * 3 + kx) * 4 : (ky * 3 + kx + 1) * 4, :, 0, 0], w[:, :, ky, kx])
+
+
+USA_CASES = [((7, 9), (29, 35)), ((16, 16), (128, 128)), ((3, 5), (17, 13)), ((9, 11), (5, 7)), ((1, 1), (3, 4)),
+             ((6, 4), (6, 4))]  # fmt: skip
+
+
+def taps_and_ref(h: int, w: int, size, dtype=torch.float64, layout: str = "nchw", B: int = 2):
+    x, wt = rand(B, 6, h, w, dtype=dtype), rand(5, 6, 3, 3, dtype=dtype, seed=1) / 4
+    if layout == "cl":
+        x = cl(x)
+    taps = F.conv2d(x, conv3x3_taps_weight(wt))  # (B, 9*C, h, w) in the layout of x
+    ref = F.conv2d(F.interpolate(x, size=size, mode="bilinear", align_corners=False), wt, padding=1)
+    return taps, ref, x, wt
+
+
+@pytest.mark.parametrize("src,size", USA_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_upsample_shift_add_is_conv_of_upsample_fp64(src, size, layout) -> None:
+    taps, ref, _, _ = taps_and_ref(*src, size, layout=layout)
+    scale = ref.abs().max().item()
+    assert_close(upsample_shift_add(taps, size), ref, 1e-13 * scale, "fresh output")
+    assert_close(upsample_shift_add(taps.unflatten(1, (9, 5)), size), ref, 1e-13 * scale, "5-D taps")
+    for out_layout in ("nchw", "cl"):
+        out = torch.full_like(ref, 0.5)
+        out = cl(out) if out_layout == "cl" else out
+        got = upsample_shift_add(taps, size, out=out)
+        assert got is out
+        assert_close(out - 0.5, ref, 1e-13 * scale, f"accumulate into {out_layout} out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_upsample_shift_add_low_precision(dtype, layout) -> None:
+    size = (29, 35)
+    taps, ref, x, wt = taps_and_ref(7, 9, size, layout=layout)
+    # PyTorch's own error: the unfused composition in `dtype` (fp16 convs run in fp32 on CPU, then round).
+    xd, wd = x.to(dtype), wt.to(dtype)
+    up = F.interpolate(xd, size=size, mode="bilinear", align_corners=False)
+    plain = (
+        F.conv2d(up.float(), wd.float(), padding=1).to(dtype)
+        if dtype == torch.float16
+        else F.conv2d(up, wd, padding=1)
+    )
+    y = upsample_shift_add(taps.to(dtype), size)
+    assert y.dtype == dtype
+    assert_rule(y, plain, ref, "upsample_shift_add")
+    # Several pyramid levels accumulating into one float32 buffer.
+    taps2, ref2, _, _ = taps_and_ref(3, 5, size, layout=layout)
+    out = torch.zeros(ref.shape, dtype=dtype)
+    upsample_shift_add(taps.to(dtype), size, out=out)
+    upsample_shift_add(taps2.to(dtype), size, out=out)
+    assert_close(
+        out, ref + ref2, 2 * (FACTOR * (plain.double() - ref).abs().max().item() + ATOL[dtype]), "two levels"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ resize
+@pytest.mark.parametrize("size", [(29, 35), (3, 4), (13, 17), (1, 1)])
+def test_resize_bilinear_torch(size) -> None:
+    x = rand(2, 3, 13, 17)
+    plain = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(resize_bilinear(x, size), plain)
+    assert torch.equal(resize_bilinear(cl(x), size), plain)
+
+
+def assert_argmax_ok(labels: torch.Tensor, logits: torch.Tensor, tol: float, what: str) -> None:
+    """Labels must equal argmax(logits) except at near-ties, where the chosen logit is within tol of the max."""
+    ref = logits.argmax(1)
+    diff = labels != ref
+    if diff.any():
+        chosen = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+        gap = (logits.amax(1) - chosen)[diff]
+        assert gap.max().item() <= tol, (
+            f"{what}: {int(diff.sum())} labels differ, worst logit gap {gap.max().item():.3g} at "
+            f"{tuple(int(i) for i in diff.nonzero()[gap.argmax()])}"
+        )
+
+
+@pytest.mark.parametrize("size", [(29, 35), (6, 5), (64, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_resize_argmax_torch(size, dtype) -> None:
+    x = rand(2, 11, 13, 17, dtype=dtype)
+    plain = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    y = resize_argmax(x, size)
+    assert y.dtype == torch.int64 and y.shape == (2, *size)
+    assert_argmax_ok(y, plain.double(), 4 * torch.finfo(dtype).eps, "resize_argmax")
+    # Tiny row blocks: many blocks, same answer.
+    assert torch.equal(resize_argmax_torch(x, list(size), block_bytes=1), y)
+    assert torch.equal(resize_argmax(cl(x), size), y)
+
+
+def test_resize_argmax_ties_and_nan() -> None:
+    x = rand(1, 5, 6, 7)
+    x[:, 3] = x[:, 1] = x.amax(1) + 1  # exact tie everywhere between channels 1 and 3
+    assert (resize_argmax(x, (11, 9)) == 1).all()
+    x[0, 4, 2, 3] = float("nan")
+    y = resize_argmax(x, (11, 9))
+    assert torch.equal(y, F.interpolate(x, size=(11, 9), mode="bilinear", align_corners=False).argmax(1))
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def test_compile_fullgraph_matches_eager() -> None:
+    """One compiled graph through every registered op (custom ops are opaque to Inductor: no breaks)."""
+    x, w, b = rand(1, 4, 6, 7), rand(5, 4, 3, 3, seed=1), rand(5, seed=2)
+    taps = rand(1, 45, 3, 4, seed=3)
+    lo = rand(1, 5, 3, 4, seed=4)
+
+    def fn(x, w, b, taps, lo):
+        y = conv_bn_relu(x, w, b, 1, True)
+        pooled = adaptive_pool_multi(y, [1, 2, 3])
+        y = topdown_add(y, lo)
+        acc = y.clone()
+        upsample_shift_add(taps, (6, 7), out=acc)  # the mutating variant
+        fresh = upsample_shift_add(taps, (6, 7))
+        big = resize_bilinear(acc, (9, 11))
+        labels = resize_argmax(acc + fresh, (9, 11))
+        return (*pooled, y, acc, fresh, big, labels)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    for got, want in zip(compiled(x, w, b, taps, lo), fn(x, w, b, taps, lo)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, 1e-5, "compiled vs eager")
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def test_dispatch_auto_on_cpu_is_torch(monkeypatch) -> None:
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve_backend("auto", "cpu") == "torch"
+    assert dispatch.resolve_backend(None, torch.device("cpu")) == "torch"
+    assert dispatch.resolve_backend("torch", "cuda") == "torch"
+    ops = dispatch.ops_for("auto", "cpu")
+    assert all(ops.backend_of(name) == "torch" for name in dispatch.OPS)
+    x = rand(1, 2, 3, 4)
+    assert torch.equal(ops.resize_bilinear(x, (5, 6)), resize_bilinear(x, (5, 6)))
+
+
+def test_dispatch_triton_on_cpu_needs_interpreter(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.resolve_backend("triton", "cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.ops_for("triton", "cpu")
+    # The launchers check too, for direct callers of the kernel layer.
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resize_bilinear(rand(1, 1, 2, 2), (3, 3), backend="triton")
+
+
+def test_dispatch_env_var(monkeypatch) -> None:
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.default_backend() == "torch"
+    assert dispatch.resolve_backend(None, "cuda") == "torch"  # env says torch even for CUDA tensors
+    monkeypatch.setenv(dispatch.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        dispatch.resolve_backend(None, "cpu")
+
+
+def test_dispatch_bad_names() -> None:
+    with pytest.raises(ValueError, match="valid choices: auto, triton, torch"):
+        dispatch.resolve_backend("cuda", "cpu")
+    with pytest.raises(ValueError, match="conv_bn_relu"):
+        dispatch.get_op("conv", "torch")
+    with pytest.raises(ValueError, match="valid choices"):
+        dispatch.ops_for("torch", "cpu", overrides={"resize": "torch"})
+    with pytest.raises(ValueError, match="valid choices"):
+        with dispatch.override(resize_argmax="gpu"):
+            pass
+    with pytest.raises(AttributeError, match="valid ops"):
+        dispatch.ops_for("torch", "cpu").no_such_op  # noqa: B018
+
+
+def test_dispatch_override(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops = dispatch.ops_for("torch", "cpu", overrides={"resize_argmax": "auto"})
+    assert ops.backend_of("resize_argmax") == "torch"
+    with dispatch.override(conv_bn_relu="triton"):
+        # resolved lazily: the forced op now needs the interpreter, the others are untouched
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            ops.conv_bn_relu  # noqa: B018
+        assert ops.backend_of("topdown_add") == "torch"
+        with dispatch.override({"conv_bn_relu": "torch"}):
+            assert ops.backend_of("conv_bn_relu") == "torch"
+    assert ops.backend_of("conv_bn_relu") == "torch"
+    f = dispatch.get_op("upsample_shift_add", "torch")
+    taps, ref, _, _ = taps_and_ref(3, 4, (5, 6))
+    assert_close(f(taps, (5, 6)), ref, 1e-12, "get_op")
