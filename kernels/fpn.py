@@ -27,18 +27,34 @@
     Triton: one program per (block of output pixels, (b, c) plane) evaluates the 9 bilinear taps straight
     from ``taps`` (36 gathers, fp32 accumulation) and writes each output element once.
 
-    PyTorch (CPU) path: the two passes are dense GEMMs on *bands* of the interpolation matrices, so BLAS does
-    the work and nothing but ``R`` (3 maps of (h, W), not 9 of (H, W)) is materialised. Output rows/columns
-    are cut into blocks; a block of the interpolation matrix only touches a short contiguous range of source
-    rows, so each GEMM multiplies a small dense band (zeros included, still exact) instead of the whole
-    matrix. Layouts:
-      * channels-last ``out`` (the fast path): the height pass is one GEMM per (row block, dy) with
-        ``out[b]`` seen as (H, W*C) and ``R_dy[b]`` as (h, W*C); the width pass is batched over the
-        (b, low-res row) pairs: (cols, band) @ (band, C);
-      * NCHW ``out``: the width pass is one GEMM per (col block, tap) over all (b, c, row) at once, the
-        height pass is batched over (b, c) planes.
-    Measured (2 threads, AVX2, C=512 -> (128, 128), float32; ``bench/bench_ops.py``): see the table in
-    ``_USA_NOTES`` below.
+    PyTorch (CPU) path. Nothing full-size but ``out`` is ever written, and each output row is written once
+    per call; work goes in output row blocks (8 rows at C=512) whose intermediates stay in cache:
+      * channels-last taps (physical (B, h, w, 9, C), what a 1x1 conv on channels-last input returns; the
+        fast path): the width pass for the low-res rows a block reads is ONE ``F.embedding_bag`` (sum mode,
+        per-sample weights) over the table of C-vectors taps[b, i, j, t, :]: bag (i, dy, X) = the 6 weighted
+        rows (dx, k) of ``R_dy[i, X]``. The height pass for all three dy is ONE GEMM of the block's dense band
+        of [A_h^(-1) | A_h^(0) | A_h^(1)] (columns ordered (i, dy); zeros inside the band are exact) with R
+        seen as (3 * rows, W * C), accumulated straight into ``out[b]`` seen as (H, W * C).
+      * NCHW taps: the same in transpose: height pass first as one ``embedding_bag`` over w-vector rows
+        (bag (c, Y, dx) = 6 weighted rows (dy, k)), then the width pass as banded GEMMs into ``out`` seen as
+        (C * H, W), per chunk of channels.
+    ``out`` of another layout or dtype gets one extra add. Float16 is computed in float32.
+
+    Measured alternatives (C = 512, one pyramid level to 128x128, float32, ms, 1 thread on a shared 2-core
+    AVX2 machine, interleaved medians; ``bench/bench_ops.py`` has the 2-thread figures):
+
+        from                                    64x64   32x32   16x16
+        9 x (F.interpolate + shifted add), NCHW   349     336     236
+        separable F.interpolate (w, then h), CL   666     475     292
+        banded GEMMs only (batched width), CL     160      48      27
+        bags + banded GEMM, channels-last (kept)   60      15      11
+        bags + banded GEMMs, NCHW (kept)           96      29      23
+
+    (channels-last ``F.interpolate`` alone is fast, but 9 full-size resizes plus 9 shifted adds are 27
+    full-size passes; the batched width GEMMs are tiny (8 x 6 @ 6 x 512) and BLAS runs them at ~5 GFLOP/s;
+    ``embedding_bag`` is a fused gather + weighted sum vectorised over C, i.e. exactly the width pass.)
+    A (h, w, 9, C) -> NCHW transpose of the taps costs more than the whole op (~200 ms at 64x64), hence
+    a native NCHW path rather than a conversion.
 """
 
 from functools import lru_cache

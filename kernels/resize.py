@@ -16,11 +16,20 @@ Triton: one program per (block of output pixels, image) loops over channels keep
 its index in registers (fp32 math). ``resize_bilinear`` is the elementwise kernel with the same math.
 
 PyTorch path of ``resize_argmax``: output row blocks, so peak extra memory is bounded (``block_bytes``,
-default 64 MB) and the working set stays in cache: per block, the needed input rows are resized along
-the width only (``F.interpolate`` with an unchanged height is an exact copy of rows, so this is ATen's own
-width pass), then the two source rows per output row are blended with ATen's weights in ATen's order and
-reduced with ``argmax``. The resize itself (``resize_bilinear``) stays ``F.interpolate``: it is the reference.
+default 64 MB; blocks aim at ~16 MB to stay in cache). When the ratio allows (``h / gcd(h, H)`` input rows
+map onto ``H / gcd(h, H)`` output rows: every power-of-two upscale, e.g. 128 -> 512), each block is a crop of
+the input resized by ``F.interpolate`` itself, in channels-last (ATen's channels-last bilinear kernel is
+~3x faster than its NCHW one), with a one-step margin so the crop's own edge clamping never reaches kept
+rows; for power-of-two ratios the source indices and weights are then bit-identical to the full resize.
+Otherwise (or when even one step exceeds the budget) each block resizes the source rows it reads along the
+width only and blends row pairs with ATen's weights. Measured at 150 x 128^2 -> 512^2, 1 thread: unfused
+~600 ms, gather blocks ~370 ms, crop blocks NCHW ~300 ms, crop blocks channels-last ~125 ms (kept). Labels
+can differ from the NCHW reference only where two logits tie to within float rounding (1 of 262144
+pixels for random logits). The resize itself (``resize_bilinear``) stays ``F.interpolate``: it is the
+reference, and the channels-last kernel does not pay for the transposes back to NCHW.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +146,46 @@ def resize_argmax_triton(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     return y
 
 
-def resize_argmax_torch(x: torch.Tensor, size: list[int], block_bytes: int = 64 << 20) -> torch.Tensor:
+def resize_argmax_torch(
+    x: torch.Tensor, size: list[int], block_bytes: int = 64 << 20, target_bytes: int = 16 << 20
+) -> torch.Tensor:
     H, W = _check(x, size)
+    B, C, h, w = x.shape
+    op = opmath_dtype(x.dtype)
+    y = torch.empty((B, H, W), device=x.device, dtype=torch.int64)
+    row_bytes = B * C * W * torch.finfo(op).bits // 8  # one output row of resized logits
+    # Row blocks that F.interpolate itself can resize: a crop of `step_in` * n input rows maps onto exactly
+    # `step_out` * n output rows with the same scale, so interior rows get the same source indices and
+    # weights as the full resize; one step of margin on each side keeps the crop's own edge clamping out.
+    g = math.gcd(h, H)
+    step_in, step_out = h // g, H // g
+    steps = min(block_bytes, target_bytes) // (row_bytes * step_out) - 2
+    if steps < 1:
+        return _resize_argmax_gather(x, H, W, block_bytes)
+    # Channels-last: ATen's channels-last bilinear kernel is ~3x faster than the NCHW one here and the
+    # argmax then reduces over the contiguous dim.
+    xc = x.to(op).contiguous(memory_format=torch.channels_last)
+    for s0 in range(0, g, steps):
+        s1 = min(g, s0 + steps)
+        a, b = max(0, s0 - 1), min(g, s1 + 1)
+        v = F.interpolate(
+            xc[:, :, a * step_in : b * step_in],
+            size=((b - a) * step_out, W),
+            mode="bilinear",
+            align_corners=False,
+        )
+        off = (s0 - a) * step_out
+        v = v[:, :, off : off + (s1 - s0) * step_out]
+        if v.dtype != x.dtype:
+            v = v.to(x.dtype)  # compare what the unfused reference would have stored
+        y[:, s0 * step_out : s1 * step_out] = v.argmax(1)
+    return y
+
+
+def _resize_argmax_gather(x: torch.Tensor, H: int, W: int, block_bytes: int) -> torch.Tensor:
+    """Any ratio, any block size: per block of output rows, resize the source rows it reads along the width
+    (``F.interpolate`` with an unchanged height copies rows exactly), then blend row pairs with ATen's
+    weights in ATen's order."""
     B, C, h, w = x.shape
     op = opmath_dtype(x.dtype)
     i0, i1, l0, l1 = bilinear_indices(h, H, x.dtype, x.device)
@@ -148,8 +195,7 @@ def resize_argmax_torch(x: torch.Tensor, size: list[int], block_bytes: int = 64 
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         lo, hi = int(i0[y0]), int(i1[y1 - 1]) + 1  # indices are monotonic: a contiguous source row range
-        src = x[:, :, lo:hi].to(op)
-        src = F.interpolate(src, size=(hi - lo, W), mode="bilinear", align_corners=False)  # width only
+        src = F.interpolate(x[:, :, lo:hi].to(op), size=(hi - lo, W), mode="bilinear", align_corners=False)
         top = src.index_select(2, i0[y0:y1] - lo).mul_(l0[y0:y1, None])
         v = top.addcmul_(src.index_select(2, i1[y0:y1] - lo), l1[y0:y1, None])
         if v.dtype != x.dtype:

@@ -19,11 +19,9 @@ Typical use in the model layer::
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -54,10 +52,9 @@ OPS: dict[str, Callable] = {
 }
 
 Concrete = Literal["triton", "torch"]
-_overrides: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "upernet_fast_overrides",
-    default=MappingProxyType({}),  # read-only: overrides are replaced, never mutated
-)
+# Active `override` blocks (process-wide). A plain dict, not a ContextVar: torch.compile (dynamo) traces
+# dict lookups and guards on them, but cannot trace ContextVar.get.
+_overrides: dict[str, str] = {}
 
 
 def _check_backend(backend: str) -> str:
@@ -110,23 +107,26 @@ def get_op(name: str, backend: str | None, device: torch.device | str | None = N
     """``OPS[name]`` bound to the resolved backend (``backend`` may be ``"auto"``/``None``, see
     ``resolve_backend``; an active ``override`` for this op wins)."""
     _check_op(name)
-    chosen = _overrides.get().get(name, backend)
+    chosen = _overrides.get(name, backend)
     return functools.partial(OPS[name], backend=resolve_backend(chosen, device))
 
 
 @contextlib.contextmanager
 def override(mapping: Mapping[str, str] | None = None, /, **per_op: str) -> Iterator[None]:
     """Force backends per op inside a ``with`` block, e.g. ``override(conv_bn_relu="torch")`` or
-    ``override({"resize_argmax": "triton"})``. Nested blocks stack; names and backends are validated."""
+    ``override({"resize_argmax": "triton"})``. Nested blocks stack; names and backends are validated.
+    Process-wide (meant for benchmarks and tests), not per thread."""
     new = dict(mapping or {}, **per_op)
     for name, backend in new.items():
         _check_op(name)
         _check_backend(backend)
-    token = _overrides.set(MappingProxyType({**_overrides.get(), **new}))
+    saved = dict(_overrides)
+    _overrides.update(new)
     try:
         yield
     finally:
-        _overrides.reset(token)
+        _overrides.clear()
+        _overrides.update(saved)
 
 
 class Ops:
@@ -151,7 +151,7 @@ class Ops:
     def backend_of(self, name: str) -> Concrete:
         """The concrete backend op ``name`` runs with right now."""
         _check_op(name)
-        chosen = _overrides.get().get(name) or self.overrides.get(name) or self.backend
+        chosen = _overrides.get(name) or self.overrides.get(name) or self.backend
         return resolve_backend(chosen, self.device)
 
     def __getattr__(self, name: str) -> Callable:
