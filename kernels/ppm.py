@@ -14,9 +14,11 @@ of a membership matrix that the kernel builds on the fly from four small int tab
 so one program reads its tile of x once and accumulates it into every bin of every scale with one
 ``tl.dot`` (fp32, ``input_precision="ieee"``); the epilogue divides by the bin areas.
 
-PyTorch path: the same sandwich with all scales stacked, ``S = sum(s)``: one matmul ``X @ Q^T`` (reads x
-once, H*W*S MACs per channel), one small ``P @ (.)``, then the diagonal (scale, scale) blocks are kept.
-Float16 is computed in float32 (CPU float16 matmul is slow and the sums want fp32 accumulation).
+PyTorch path: the same single pass as the kernel, as one GEMM ``(B*C, H*W) @ M`` with the cached 0/1
+membership matrix M (H*W, NB), then a division by the areas (for maps where M would exceed 4M entries, the
+separable sandwich with all scales stacked: ``P @ X @ Q^T``, keeping the diagonal blocks). Measured at
+768 x 16 x 16, scales 1, 2, 3, 6, 1 thread: 4 x ``F.adaptive_avg_pool2d`` ~1.0 ms, separable ~0.45 ms,
+one GEMM ~0.33 ms (+ ~0.2 ms custom-op and split overhead). Float16 is computed in float32.
 """
 
 from functools import lru_cache
@@ -113,16 +115,32 @@ def _split(y: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
     """(B, C, sum s^2) -> [(B, C, s, s)], each its own storage (custom-op outputs must not alias)."""
     outs, off = [], 0
     for s in scales:
-        outs.append(y[:, :, off : off + s * s].reshape(y.shape[0], y.shape[1], s, s).clone())
+        outs.append(
+            y[:, :, off : off + s * s]
+            .reshape(y.shape[0], y.shape[1], s, s)
+            .clone(memory_format=torch.contiguous_format)
+        )
         off += s * s
     return outs
 
 
 @lru_cache(maxsize=64)
-def _membership(n: int, scales: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Stacked 0/1 bin membership (sum(s), n) of all scales along one axis."""
-    rows = [torch.arange(n).ge(a) & torch.arange(n).lt(b) for s in scales for a, b in _bins(n, s)]
-    return torch.stack(rows).to(dtype=dtype, device=device)
+def _pool_plan(H: int, W: int, scales: tuple[int, ...], dtype: torch.dtype, device: str) -> tuple:
+    """0/1 membership of pixel (h, w) in every bin of every scale, (H*W, NB) with bins scale-major, and the
+    (NB,) bin areas; or, for maps too large for that, the separable factors P (S, H), Q^T (W, S)."""
+    r_h, r_w = torch.arange(H), torch.arange(W)
+    P = torch.stack([(r_h >= a) & (r_h < b) for s in scales for a, b in _bins(H, s)]).to(dtype)
+    Q = torch.stack([(r_w >= a) & (r_w < b) for s in scales for a, b in _bins(W, s)]).to(dtype)
+    areas, blocks, off = [], [], 0
+    for s in scales:
+        Ps, Qs = P[off : off + s], Q[off : off + s]
+        areas.append((Ps.sum(1)[:, None] * Qs.sum(1)[None, :]).flatten())
+        blocks.append(torch.einsum("ih,jw->hwij", Ps, Qs).reshape(H * W, s * s))
+        off += s
+    area = torch.cat(areas).to(device)
+    if H * W * area.numel() <= 1 << 22:  # one GEMM reading x once: (B*C, H*W) @ (H*W, NB)
+        return "gemm", torch.cat(blocks, 1).contiguous().to(device), area
+    return "separable", (P.to(device), Q.t().contiguous().to(device)), area
 
 
 def adaptive_pool_multi_torch(x: torch.Tensor, scales: list[int]) -> list[torch.Tensor]:
@@ -130,17 +148,18 @@ def adaptive_pool_multi_torch(x: torch.Tensor, scales: list[int]) -> list[torch.
     B, C, H, W = x.shape
     key = tuple(int(s) for s in scales)
     op = opmath_dtype(x.dtype)
-    P = _membership(H, key, op, str(x.device))  # (S, H)
-    Q = _membership(W, key, op, str(x.device))  # (S, W)
-    sums = P @ (x.to(op) @ Q.t())  # (B, C, S, S): every row bin x every col bin, all scales
-    outs, off = [], 0
-    for s in key:
-        hc = P[off : off + s].sum(1)
-        wc = Q[off : off + s].sum(1)
-        block = sums[:, :, off : off + s, off : off + s] / (hc[:, None] * wc[None, :])
-        outs.append(block.to(x.dtype).contiguous())
-        off += s
-    return outs
+    kind, mats, area = _pool_plan(H, W, key, op, str(x.device))
+    if kind == "gemm":
+        sums = (x.reshape(B * C, H * W).to(op) @ mats).view(B, C, -1)  # reshape copies channels-last x
+    else:
+        P, Qt = mats
+        full = P @ (x.to(op) @ Qt)  # (B, C, S, S): every row bin x every col bin; keep the diagonal blocks
+        parts, off = [], 0
+        for s in key:
+            parts.append(full[:, :, off : off + s, off : off + s].reshape(B, C, s * s))
+            off += s
+        sums = torch.cat(parts, 2)
+    return _split((sums / area).to(x.dtype), key)
 
 
 @torch.library.custom_op("upernet_fast::adaptive_pool_multi", mutates_args=())

@@ -108,6 +108,7 @@ POOL_CASES = [
     ((1, 3, 16, 16), (1, 2, 3, 6)),  # the real bins at 512x512 input
     ((2, 4, 1, 3), (1, 2, 5)),  # scale > both sides
     ((1, 5, 23, 17), (4, 7)),
+    ((1, 2, 290, 310), (1, 2, 3, 6)),  # large map: the separable (not single-GEMM) plan
 ]
 
 
