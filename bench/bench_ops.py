@@ -9,6 +9,10 @@ warm-up, median of --repeats. CUDA: triton.testing.do_bench (Triton paths). Prin
     python bench/bench_ops.py                 # full shapes (several minutes on 2 cores)
     python bench/bench_ops.py --quick         # small shapes, seconds (CI smoke)
     python bench/bench_ops.py --only upsample_shift_add --json out.json
+    python bench/bench_ops.py --threads 1     # ratios stay meaningful when another process holds a core
+
+Many short parallel regions (the fused CPU paths work in cache-sized blocks) suffer badly from OpenMP
+oversubscription: with 2 threads on 2 cores and another busy process, timings are meaningless.
 
 A benchmark reports ratios; nothing here asserts a time.
 """
@@ -122,13 +126,16 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
                      lambda xl=xl, wt=wt: ops.upsample_shift_add(F.conv2d(xl, wt), size),
                      note="fused = 1x1 conv to 9 taps + upsample_shift_add")
             )  # fmt: skip
-        # The op alone against its own plain composition: 9 full-size resizes, shifted and summed.
+        # The op alone, accumulating into an existing buffer as the head does, against its own plain
+        # composition: 9 full-size resizes, shifted and added.
         taps = _cl(F.conv2d(_cl(x), wt))
+        acc_u = torch.zeros(1, C, *size, device=device)
+        acc_f = _cl(torch.zeros(1, C, *size, device=device))
         cases.append(
             Case("upsample_shift_add", f"op only {C}ch {s}->{size[0]} channels_last",
-                 lambda taps=taps: _naive_shift_add(taps, size),
-                 lambda taps=taps: ops.upsample_shift_add(taps, size),
-                 note="unfused = 9x (interpolate + shifted add)")
+                 lambda taps=taps, acc_u=acc_u: _naive_shift_add(taps, size, acc_u),
+                 lambda taps=taps, acc_f=acc_f: ops.upsample_shift_add(taps, size, out=acc_f),
+                 note="unfused = 9x (interpolate + shifted add); both accumulate into a preallocated out")
         )  # fmt: skip
 
     # Final resize of the logits to the input size, and resize + argmax (label map).
@@ -148,10 +155,8 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
     return cases
 
 
-def _naive_shift_add(taps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    B, C9, h, w = taps.shape
-    C, (H, W) = C9 // 9, size
-    out = torch.zeros(B, C, H, W, dtype=taps.dtype, device=taps.device)
+def _naive_shift_add(taps: torch.Tensor, size: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    C, (H, W) = taps.shape[1] // 9, size
     for t in range(9):
         dy, dx = t // 3 - 1, t % 3 - 1
         u = F.interpolate(taps[:, t * C : (t + 1) * C], size=size, mode="bilinear", align_corners=False)
