@@ -207,3 +207,120 @@ def test_hub_sizes_build_with_identical_parameter_shapes(embed_dim, depths, head
     ref_shapes = {k: tuple(v.shape) for k, v in SwinBackbone.remap_state_dict(ref.state_dict(), "").items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == ref_shapes
     assert ours.channels == list(ref.channels) and ours.reduction == 32
+
+
+# ---- inference fast path (folded weights, one-gather windows, oneDNN Linears) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "b,h,w,ws,shift", [(1, 25, 33, 7, 3), (2, 13, 17, 7, 0), (2, 4, 5, 7, 3), (1, 8, 25, 12, 6)]
+)
+def test_window_index_is_pad_roll_partition(b, h, w, ws, shift):
+    from upernet_fast.backbones.swin import _window_index
+
+    x = torch.arange(1, b * h * w + 1, dtype=torch.float64).view(b, h, w, 1)
+    y = torch.nn.functional.pad(x, (0, 0, 0, (-w) % ws, 0, (-h) % ws))
+    hp, wp = y.shape[1:3]
+    y = torch.roll(y, (-shift, -shift), (1, 2))
+    expected = y.view(b, hp // ws, ws, wp // ws, ws).transpose(2, 3).reshape(-1)
+    gather, pad, scatter = _window_index(b, h, w, ws, shift, torch.device("cpu"))
+    got = x.view(-1)[gather]
+    if pad is not None:
+        got[pad] = 0
+    assert torch.equal(got, expected)
+    assert (pad is None) == bool((expected != 0).all())
+    assert torch.equal(got[scatter], x.view(-1))  # the inverse: un-partition, roll back, crop
+
+
+@pytest.mark.parametrize("window,size,batch", [(7, (97, 131), 2), (12, (64, 200), 1), (7, (20, 24), 3)])
+def test_fast_path_equals_reference_path_channels_last(window, size, batch):
+    """no_grad → fast path; grad mode → the explicit reference path. Same values; feature maps and hidden
+    states are NCHW-shaped views of channels-last memory."""
+    _, ours = _pair(_config(window, ["stem", "stage1", "stage2", "stage3", "stage4"], (2, 2, 2, 2)))
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        fast = ours(x, output_hidden_states=True)
+    slow = ours(x, output_hidden_states=True)
+    for i, (a, b) in enumerate(
+        zip(fast.feature_maps + fast.hidden_states, slow.feature_maps + slow.hidden_states)
+    ):
+        _close(a, b.detach(), f"output[{i}]")
+        assert a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last), (
+            f"output[{i}] {a.stride()}"
+        )
+
+
+def test_folded_weights_follow_inplace_edits_and_reloads():
+    _, ours = _pair(_config(7, ["stage1", "stage2", "stage3"], (2, 2, 2, 2)))
+    x = torch.randn(1, 3, 61, 75, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ours(x)  # fills every folded / packed cache
+        block = ours.encoder.layers[1].blocks[1]
+        block.layernorm_before.weight.mul_(1.5)  # folded into qkv
+        block.layernorm_after.bias.add_(0.3)  # folded into intermediate.dense
+        block.attention.self.value.bias.add_(0.2)  # qkv bias and the padded-token row
+        block.output.dense.weight.mul_(0.7)  # packed plain weight
+        ours.encoder.layers[0].downsample.norm.weight.mul_(1.2)  # folded into reduction
+        edited = ours(x)
+        fresh = SwinBackbone(ours.config | {"out_features": ours.out_features}).eval()
+        fresh.load_state_dict(ours.state_dict())
+        expected = fresh(x)
+    for i, (a, b) in enumerate(zip(edited.feature_maps, expected.feature_maps)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"feature_maps[{i}] after in-place edits")
+    # A state_dict load replaces every source in place: the caches must follow it as well.
+    other, _ = _pair(_config(7, ["stage1", "stage2", "stage3"], (2, 2, 2, 2)), seed=21)
+    ours.load_state_dict(SwinBackbone.remap_state_dict(other.state_dict(), ""))
+    with torch.no_grad():
+        r, o = other(x), ours(x)
+    for i, (a, b) in enumerate(zip(o.feature_maps, r.feature_maps)):
+        _close(a, b, f"feature_maps[{i}] after reload")
+
+
+def test_deepcopy_and_pickle_after_fast_forward():
+    import copy
+    import io
+
+    _, ours = _pair(_config(7, ["stage2", "stage4"]))
+    x = torch.randn(1, 3, 70, 90, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        expected = ours(x).feature_maps  # caches now hold oneDNN-packed (storage-less) weights
+        twin = copy.deepcopy(ours)
+        buf = io.BytesIO()
+        torch.save(ours, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (twin, loaded, ours):
+            for a, b in zip(m(x).feature_maps, expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_float64_fast_path_tight():
+    """float64 takes the fast path's generic (F.linear) branch; no fp32 rounding to hide behind."""
+    ref, ours = _pair(_config(7, ["stage1", "stage2", "stage3", "stage4"], (2, 2, 2, 2)), seed=13)
+    ref, ours = ref.double(), ours.double()
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    with torch.no_grad():
+        r, o = ref(x), ours(x)
+    for i, (a, b) in enumerate(zip(o.feature_maps, r.feature_maps)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"feature_maps[{i}]")
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_pytorch_tanh", "silu"])
+def test_other_activations(act):
+    ref, ours = _pair(_config(7, ["stage2", "stage3", "stage4"], hidden_act=act), seed=14)
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        r, o = ref(x), ours(x)
+    for i, (a, b) in enumerate(zip(o.feature_maps, r.feature_maps)):
+        _close(a, b, f"feature_maps[{i}] ({act})")
+
+
+@pytest.mark.slow
+def test_torch_compile_matches():
+    ref, ours = _pair(_config(7, ["stage1", "stage2", "stage3", "stage4"]))
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(15))
+    compiled = torch.compile(ours)
+    with torch.no_grad():
+        r, o = ref(x), compiled(x)
+    for i, (a, b) in enumerate(zip(o.feature_maps, r.feature_maps)):
+        _close(a, b, f"feature_maps[{i}] (compiled)")
