@@ -15,7 +15,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.4", "triton", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={
-        "test": ["transformers>=5", "pytest", "pytest-benchmark", "huggingface_hub", "ruff"],
+        "test": ["transformers>=5", "pytest", "pytest-benchmark", "huggingface_hub", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["upernet-fast=upernet_fast.cli:main"]},
 )
