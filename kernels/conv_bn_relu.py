@@ -14,7 +14,10 @@ of one image and loops over taps x input-channel blocks, multiplying an im2col t
 accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bias and ReLU are applied to
 the accumulator before the single store.
 
-PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU). oneDNN's fused
+PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU), or, when the caller
+passes ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the
+Winograd F(4x4, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether to use it is
+decided in ``upernet_fast.dispatch.use_winograd``). The Triton path ignores ``winograd_weight``. oneDNN's fused
 conv+ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``, bitwise the same result) was measured
 against it, 2 threads, quiet machine, ms plain/post-op: 96->512 1x1 at 128^2 47.1/46.2 (NCHW), 27.4/25.3
 (channels-last); 192->512 1x1 at 64^2 17.5/17.7, 6.4/6.1; 384->512 1x1 at 32^2 3.4/3.5, 3.3/3.3;
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_triton_tensors, out_memory_format, tl, triton
+from .winograd import conv3x3_winograd
 
 __all__ = ["fold_batchnorm", "conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
 
@@ -133,10 +137,35 @@ def conv_bn_relu_triton(
     return y
 
 
+def _check_winograd(weight: torch.Tensor, padding: int, winograd_weight: torch.Tensor | None) -> None:
+    if winograd_weight is None:
+        return
+    c_out, c_in, k, _ = weight.shape
+    if k != 3 or padding != 1 or tuple(winograd_weight.shape) != (36, c_in, c_out):
+        raise ValueError(
+            f"conv_bn_relu: winograd_weight needs a 3x3 kernel with padding 1 and shape (36, {c_in}, {c_out}), "
+            f"got kernel {k}x{k}, padding {padding}, winograd_weight {tuple(winograd_weight.shape)}"
+        )
+
+
+def _torch_out_format(x: torch.Tensor, winograd_weight: torch.Tensor | None) -> torch.memory_format:
+    # The Winograd path scatters output tiles as channel vectors: channels-last output, whatever the input.
+    return torch.channels_last if winograd_weight is not None else out_memory_format(x)
+
+
 def conv_bn_relu_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    winograd_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _out_shape(x, weight, padding)
+    _check_winograd(weight, padding, winograd_weight)
+    if winograd_weight is not None:
+        b = None if bias is None else bias.to(x.dtype)
+        return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
     if relu:
         y = y.relu_()
@@ -145,16 +174,25 @@ def conv_bn_relu_torch(
 
 @torch.library.custom_op("upernet_fast::conv_bn_relu", mutates_args=())
 def _conv_bn_relu_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool, backend: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    winograd_weight: torch.Tensor | None,
+    backend: str,
 ) -> torch.Tensor:
-    impl = conv_bn_relu_triton if backend == "triton" else conv_bn_relu_torch
-    return impl(x, weight, bias, padding, relu)
+    if backend == "triton":
+        return conv_bn_relu_triton(x, weight, bias, padding, relu)
+    return conv_bn_relu_torch(x, weight, bias, padding, relu, winograd_weight)
 
 
 @_conv_bn_relu_op.register_fake
-def _(x, weight, bias, padding, relu, backend):
+def _(x, weight, bias, padding, relu, winograd_weight, backend):
     shape = _out_shape(x, weight, padding)
-    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
+    _check_winograd(weight, padding, winograd_weight)
+    fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
 
 
 def conv_bn_relu(
@@ -163,9 +201,11 @@ def conv_bn_relu(
     bias: torch.Tensor | None,
     padding: int,
     relu: bool,
+    winograd_weight: torch.Tensor | None = None,
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
     """``relu?(conv2d(x, weight, bias, stride=1, padding))`` for 1x1/3x3 kernels; ``backend`` is
-    ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``)."""
-    return torch.ops.upernet_fast.conv_bn_relu(x, weight, bias, padding, relu, backend)
+    ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
+    (``winograd.winograd_weight(weight)``) the PyTorch path computes the 3x3 conv by Winograd F(4x4, 3x3)."""
+    return torch.ops.upernet_fast.conv_bn_relu(x, weight, bias, padding, relu, winograd_weight, backend)

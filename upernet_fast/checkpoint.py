@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from . import dispatch
 from .config import UperNetConfig
-from .model import BACKENDS, FastUperNet
+from .model import FastUperNet
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -160,19 +161,23 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
+    winograd: bool | None = None,
     strict: bool = True,
 ) -> FastUperNet:
-    """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
+
+    `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`) and `winograd` (None reads
+    `UPERNET_FAST_WINOGRAD`, default on) choose the fast paths; see `upernet_fast.dispatch`."""
+    if backend is not None:
+        dispatch.check_backend(backend)
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None or getattr(config, "model_type", None) != "upernet":
             raise TypeError(
                 f"expected a transformers UperNetForSemanticSegmentation, got {type(source).__name__}"
             )
-        model = FastUperNet(UperNetConfig.from_any(config), backend=backend)
+        model = FastUperNet(UperNetConfig.from_any(config), backend=backend, winograd=winograd)
         entries = {k: _Entry(v.shape, (lambda v=v: v)) for k, v in source.state_dict().items()}
         copy_state_dict(model, entries, strict=strict)
     else:
@@ -189,7 +194,7 @@ def load(
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory (expected config.json + weights inside)")
         config = UperNetConfig.from_any(path / "config.json")
-        model = FastUperNet(config, backend=backend)
+        model = FastUperNet(config, backend=backend, winograd=winograd)
         files = _weight_files(path)
         entries: dict[str, _Entry] = {}
         for f in files:

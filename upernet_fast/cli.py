@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import dispatch
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEMO_SEED, DEMO_SIZE = 2062, (256, 256)  # a scene showing 5 of the 6 classes
 
@@ -84,7 +86,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         options["keep_ratio_short_side"] = args.short_side
     if args.scales:
         options["scales"] = args.scales
-    segmenter = Segmenter.from_pretrained(args.model, device=args.device, backend=args.backend, **options)
+    segmenter = Segmenter.from_pretrained(
+        args.model, device=args.device, **_fast_path_kwargs(args), **options
+    )
     names = segmenter.id2label
     palette = palette_for(_num_labels(segmenter.model, len(names)))
     out_dir = Path(args.out)
@@ -142,7 +146,7 @@ def describe(model) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from .inference import default_model_path, load_model
 
-    model = load_model(args.source, backend=args.backend)
+    model = load_model(args.source, **_fast_path_kwargs(args))
     print(f"source: {args.source or default_model_path()}  ({type(model).__module__}.{type(model).__name__})")
     print(describe(model))
     return 0
@@ -188,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     image_arr, truth = sample(DEMO_SEED, 0, DEMO_SIZE)
     image = Image.fromarray(image_arr)
-    segmenter = Segmenter.from_pretrained(None, backend=args.backend)
+    segmenter = Segmenter.from_pretrained(None, **_fast_path_kwargs(args))
     labels = segmenter(image)
     names = segmenter.id2label
     palette = palette_for(len(names))
@@ -209,6 +213,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _add_fast_path_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", default=None, choices=dispatch.BACKENDS, help="default: $UPERNET_FAST_BACKEND or auto"
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="no Winograd convolutions (every conv exact to fp32 rounding; slower on CPU)",
+    )
+
+
+def _fast_path_kwargs(args: argparse.Namespace) -> dict:
+    return {"backend": args.backend, "winograd": False if args.exact else None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upernet-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale TTA factors")
     seg.add_argument("--batch-size", type=int, default=4)
     seg.add_argument("--device", default=None)
-    seg.add_argument("--backend", default="auto", help="upernet_fast backend: auto | triton | torch")
+    _add_fast_path_options(seg)
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
 
     info = sub.add_parser("info", help="architecture, parameter count and labels of a model")
     info.add_argument("source", nargs="?", default=None, help="default: embedded model")
-    info.add_argument("--backend", default="auto")
+    _add_fast_path_options(info)
     info.set_defaults(func=cmd_info)
 
     sub.add_parser("bench", help="run bench/e2e.py; all further arguments are passed through")
@@ -256,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="segment a bundled synthetic image with the embedded model")
     demo.add_argument("--out", default="upernet_fast_demo")
-    demo.add_argument("--backend", default="auto")
+    _add_fast_path_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,6 +10,11 @@ Per-op choice, strongest first:
   2. the ``overrides`` mapping given to ``ops_for``,
   3. the model-wide ``backend``.
 
+Winograd (CPU, beyond exact): the PyTorch path of ``conv_bn_relu`` can compute the head's large 3x3 convs
+by Winograd F(4x4, 3x3) (``kernels/winograd.py``: ~2x faster than oneDNN on AVX2, error ~1e-5 relative).
+``use_winograd`` is the one rule for when; ``UPERNET_FAST_WINOGRAD=0`` (or ``load(..., winograd=False)``)
+keeps every conv exact.
+
 Typical use in the model layer::
 
     ops = dispatch.ops_for(backend, device)   # cheap; resolves lazily on each access
@@ -30,6 +35,7 @@ from . import kernels
 
 __all__ = [
     "BACKENDS",
+    "check_backend",
     "ENV_VAR",
     "OPS",
     "Ops",
@@ -38,9 +44,15 @@ __all__ = [
     "ops_for",
     "override",
     "resolve_backend",
+    "use_winograd",
+    "winograd_default",
 ]
 
 ENV_VAR = "UPERNET_FAST_BACKEND"
+WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
+# Smallest channel counts / map side where Winograd beat oneDNN (2 threads, AVX2; bench/bench_ops.py).
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_SIDE = 16
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -57,7 +69,8 @@ Concrete = Literal["triton", "torch"]
 _overrides: dict[str, str] = {}
 
 
-def _check_backend(backend: str) -> str:
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of ``BACKENDS``, else a ``ValueError`` naming the choices."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
     return backend
@@ -79,11 +92,36 @@ def default_backend() -> str:
     return value
 
 
+def winograd_default() -> bool:
+    """``UPERNET_FAST_WINOGRAD`` if set (``0``/``false``/``off`` disable), else enabled."""
+    value = os.environ.get(WINOGRAD_ENV_VAR, "").strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{WINOGRAD_ENV_VAR}={value!r} is not a switch; use 1 or 0")
+
+
+def use_winograd(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
+    """Whether a stride-1 conv of ``x`` with ``weight`` should run as Winograd F(4x4, 3x3): only on the
+    PyTorch path, on CPU float32, for 3x3 kernels with padding 1 and sizes where it measured faster."""
+    c_out, c_in, kh, kw = weight.shape
+    return (
+        ops.winograd
+        and (kh, kw, padding) == (3, 3, 1)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
+        and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE
+        and ops.backend_of("conv_bn_relu") == "torch"
+    )
+
+
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:
     """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device`` (default CPU).
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when Triton is forced where it cannot run."""
-    backend = default_backend() if backend is None else _check_backend(str(backend).lower())
+    backend = default_backend() if backend is None else check_backend(str(backend).lower())
     dev = torch.device("cpu" if device is None else device)
     if backend == "torch":
         return "torch"
@@ -119,7 +157,7 @@ def override(mapping: Mapping[str, str] | None = None, /, **per_op: str) -> Iter
     new = dict(mapping or {}, **per_op)
     for name, backend in new.items():
         _check_op(name)
-        _check_backend(backend)
+        check_backend(backend)
     saved = dict(_overrides)
     _overrides.update(new)
     try:
@@ -139,13 +177,15 @@ class Ops:
         backend: str | None,
         device: torch.device | str | None,
         overrides: Mapping[str, str] | None = None,
+        winograd: bool | None = None,
     ) -> None:
-        self.backend = default_backend() if backend is None else _check_backend(backend)
+        self.backend = default_backend() if backend is None else check_backend(backend)
         self.device = torch.device("cpu" if device is None else device)
+        self.winograd = winograd_default() if winograd is None else bool(winograd)
         self.overrides = dict(overrides or {})
         for name, choice in self.overrides.items():
             _check_op(name)
-            _check_backend(choice)
+            check_backend(choice)
         resolve_backend(self.backend, self.device)  # fail early (e.g. triton on CPU without interpreter)
 
     def backend_of(self, name: str) -> Concrete:
@@ -160,13 +200,18 @@ class Ops:
         return functools.partial(OPS[name], backend=self.backend_of(name))
 
     def __repr__(self) -> str:
-        return f"Ops(backend={self.backend!r}, device={str(self.device)!r}, overrides={self.overrides})"
+        return (
+            f"Ops(backend={self.backend!r}, device={str(self.device)!r}, overrides={self.overrides}, "
+            f"winograd={self.winograd})"
+        )
 
 
 def ops_for(
     backend: str | None = None,
     device: torch.device | str | None = None,
     overrides: Mapping[str, str] | None = None,
+    winograd: bool | None = None,
 ) -> Ops:
-    """The ops for tensors on ``device`` (see ``Ops``); ``backend=None`` reads ``UPERNET_FAST_BACKEND``."""
-    return Ops(backend, device, overrides)
+    """The ops for tensors on ``device`` (see ``Ops``); ``backend=None`` reads ``UPERNET_FAST_BACKEND``,
+    ``winograd=None`` reads ``UPERNET_FAST_WINOGRAD``."""
+    return Ops(backend, device, overrides, winograd)

@@ -17,9 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import dispatch
 from .config import UperNetConfig
 from .folding import cached, fold_batchnorm
+from .kernels import conv3x3_taps_weight
+from .kernels.winograd import winograd_weight
+
+
+def _conv(
+    owner: nn.Module,
+    name: str,
+    sources: list[torch.Tensor],
+    ops: dispatch.Ops,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+) -> torch.Tensor:
+    """`ops.conv_bn_relu` with the Winograd weight (cached on `owner` under `name`) when dispatch says so."""
+    wino = None
+    if dispatch.use_winograd(ops, x, weight, padding):
+        wino = cached(owner, f"winograd_{name}", sources, lambda: winograd_weight(weight))
+    return ops.conv_bn_relu(x, weight, bias, padding, relu, wino)
+
+
+def _default_ops(x: torch.Tensor, ops: dispatch.Ops | None) -> dispatch.Ops:
+    return dispatch.ops_for(None, x.device) if ops is None else ops
 
 
 class UperNetConvModule(nn.Module):
@@ -35,17 +59,23 @@ class UperNetConvModule(nn.Module):
         self.batch_norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU()
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        """The parameters and buffers every folded weight of this module derives from."""
         bn = self.batch_norm
-        sources = [self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        return cached(self, "bn", sources, lambda: fold_batchnorm(self.conv.weight, None, bn))
+        return [self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cached(
+            self, "bn", self.sources, lambda: fold_batchnorm(self.conv.weight, None, self.batch_norm)
+        )
+
+    def forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
         w, b = self.folded()
         c = self.conv
-        if c.dilation != (1, 1) or c.kernel_size[0] not in (1, 3):
+        if c.dilation != (1, 1) or c.kernel_size[0] not in (1, 3) or c.padding[0] != c.padding[1]:
             return F.relu(F.conv2d(x, w, b, padding=c.padding, dilation=c.dilation))
-        return ops.conv_bn_relu(x, w, b, padding=c.padding[0], relu=True)
+        return _conv(self, "full", self.sources, _default_ops(x, ops), x, w, b, c.padding[0], True)
 
 
 class UperNetPyramidPoolingBlock(nn.Module):
@@ -59,16 +89,6 @@ class UperNetPyramidPoolingBlock(nn.Module):
     @property
     def conv_module(self) -> UperNetConvModule:
         return getattr(self, "1")
-
-
-def split_taps(weight: torch.Tensor, bounds: list[int]) -> list[torch.Tensor]:
-    """Split a (Cout, Cin, 3, 3) weight along Cin at `bounds`; each part as a 1x1 weight producing the nine
-    taps in order (ky, kx, Cout), ready for `ops.upsample_shift_add`."""
-    parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        w = weight[:, lo:hi]  # (Cout, c, 3, 3)
-        parts.append(w.permute(2, 3, 0, 1).reshape(9 * weight.shape[0], hi - lo, 1, 1).contiguous())
-    return parts
 
 
 class UperNetHead(nn.Module):
@@ -101,38 +121,46 @@ class UperNetHead(nn.Module):
         def build() -> tuple:
             w, b = module.folded()
             bounds = [first + i * self.channels for i in range(n_low + 1)]
-            return w[:, :first].contiguous(), b, split_taps(w, bounds)
+            taps = [conv3x3_taps_weight(w[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            return w[:, :first].contiguous(), b, taps
 
-        bn = module.batch_norm
-        sources = [module.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        return cached(module, f"split{first}_{n_low}", sources, build)
+        return cached(module, f"split{first}_{n_low}", module.sources, build)
 
-    def psp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_direct, bias, w_taps = self._split_bottleneck(
-            self.bottleneck, self.in_channels[-1], len(self.pool_scales)
-        )
-        size = x.shape[2:]
-        out = ops.conv_bn_relu(x, w_direct, bias, padding=1, relu=False)
-        pooled = ops.adaptive_pool_multi(x, self.pool_scales)
-        for block, p, wt in zip(self.psp_modules, pooled, w_taps, strict=True):
-            branch = block.conv_module(p)
-            out = ops.upsample_shift_add(F.conv2d(branch, wt), size, out=out)
+    def _fused_bottleneck(
+        self,
+        module: UperNetConvModule,
+        direct: torch.Tensor,
+        low: list[torch.Tensor],
+        ops: dispatch.Ops,
+    ) -> torch.Tensor:
+        """`module(cat([direct, *(upsample(t) for t in low)]))` without the upsampled concat: the direct
+        group is convolved at full size, each low-resolution group is mixed into its nine taps at its own
+        size and upsample-shift-added into the same buffer (DESIGN.md §4)."""
+        w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
+        name = f"direct{direct.shape[1]}_{len(low)}"
+        out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
+        for feat, wt in zip(low, w_taps, strict=True):
+            out = ops.upsample_shift_add(F.conv2d(feat, wt), out.shape[2:], out=out)
         return F.relu_(out)
 
-    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        laterals = [conv(encoder_hidden_states[i]) for i, conv in enumerate(self.lateral_convs)]
-        laterals.append(self.psp_forward(encoder_hidden_states[-1]))
+    def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
+        ops = _default_ops(x, ops)
+        pooled = ops.adaptive_pool_multi(x, self.pool_scales)
+        branches = [block.conv_module(p, ops) for block, p in zip(self.psp_modules, pooled, strict=True)]
+        return self._fused_bottleneck(self.bottleneck, x, branches, ops)
+
+    def forward(
+        self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
+    ) -> torch.Tensor:
+        ops = _default_ops(encoder_hidden_states[0], ops)
+        laterals = [conv(encoder_hidden_states[i], ops) for i, conv in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(encoder_hidden_states[-1], ops))
         n = len(laterals)
         for i in range(n - 1, 0, -1):
             laterals[i - 1] = ops.topdown_add(laterals[i - 1], laterals[i])
-        fpn_outs = [self.fpn_convs[i](laterals[i]) for i in range(n - 1)] + [laterals[-1]]
-
-        w0, bias, w_taps = self._split_bottleneck(self.fpn_bottleneck, self.channels, n - 1)
-        size = fpn_outs[0].shape[2:]
-        out = ops.conv_bn_relu(fpn_outs[0], w0, bias, padding=1, relu=False)
-        for feat, wt in zip(fpn_outs[1:], w_taps, strict=True):
-            out = ops.upsample_shift_add(F.conv2d(feat, wt), size, out=out)
-        return self.classifier(F.relu_(out))
+        fpn_outs = [self.fpn_convs[i](laterals[i], ops) for i in range(n - 1)]
+        fused = self._fused_bottleneck(self.fpn_bottleneck, fpn_outs[0], [*fpn_outs[1:], laterals[-1]], ops)
+        return self.classifier(fused)
 
 
 class UperNetFCNHead(nn.Module):
@@ -156,9 +184,14 @@ class UperNetFCNHead(nn.Module):
             self.conv_cat = UperNetConvModule(self.in_channels + self.channels, self.channels, 3, padding=1)
         self.classifier = nn.Conv2d(self.channels, config.num_labels, kernel_size=1)
 
-    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
+    ) -> torch.Tensor:
         x = encoder_hidden_states[self.in_index]
-        out = self.convs(x)
+        ops = _default_ops(x, ops)
+        out = x
+        for conv in self.convs if isinstance(self.convs, nn.Sequential) else ():
+            out = conv(out, ops)
         if self.concat_input:
-            out = self.conv_cat(torch.cat([x, out], dim=1))
+            out = self.conv_cat(torch.cat([x, out], dim=1), ops)
         return self.classifier(out)

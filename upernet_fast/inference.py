@@ -41,26 +41,17 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
+    winograd: bool | None = None,
 ) -> nn.Module:
-    """A model from a HF-format directory / hub id (None = the embedded model), in eval mode.
-
-    Uses `upernet_fast.load` when the package provides it, else transformers' reference implementation."""
+    """A `FastUperNet` from a HF-format directory / hub id (None = the embedded model), in eval mode; a
+    module (e.g. a transformers UperNet) is used as it is."""
     if isinstance(source, nn.Module):
         return source.eval()
+    from .checkpoint import load
+
     source = str(default_model_path() if source is None else source)
-    import upernet_fast
-
-    fast_load = getattr(upernet_fast, "load", None)
-    if fast_load is not None:
-        model = fast_load(source, device=device, dtype=dtype, backend=backend)
-    else:
-        from transformers import UperNetForSemanticSegmentation
-
-        model = UperNetForSemanticSegmentation.from_pretrained(source)
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
-    return model.eval()
+    return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -237,12 +228,13 @@ class Segmenter:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
+        winograd: bool | None = None,
         **kwargs,
     ) -> Segmenter:
         """Load a model (None = the embedded one) and take its preprocessing from `preprocessor_config.json`
         when the directory has one (input size; in slide mode the crop is that size, stride 2/3 of it)."""
-        model = load_model(source, device=device, dtype=dtype, backend=backend)
+        model = load_model(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
         local = Path(str(default_model_path() if source is None else source))
         config = preprocess.read_processor_config(local) if local.is_dir() else None
         if config:

@@ -11,19 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import dispatch
 from .backbones import BackboneOutput, build_backbone
 from .config import UperNetConfig
 from .head import UperNetFCNHead, UperNetHead
 from .outputs import SemanticSegmenterOutput
 
-BACKENDS = ("auto", "triton", "torch")
-
 
 class FastUperNet(nn.Module):
     main_input_name = "pixel_values"
 
-    def __init__(self, config: UperNetConfig | dict[str, Any], backend: str = "auto") -> None:
+    def __init__(
+        self,
+        config: UperNetConfig | dict[str, Any],
+        backend: str | None = None,
+        winograd: bool | None = None,
+    ) -> None:
+        """`backend`: "auto" | "triton" | "torch" (None: `UPERNET_FAST_BACKEND`, else "auto");
+        `winograd`: Winograd for the head's large 3x3 convs on CPU (None: `UPERNET_FAST_WINOGRAD`, else on).
+        Both are plain attributes: set them later to switch paths (see `upernet_fast.dispatch`)."""
         super().__init__()
         self.config = config if isinstance(config, UperNetConfig) else UperNetConfig.from_any(config)
         self.backbone = build_backbone(self.config.backbone_config)
@@ -33,16 +39,19 @@ class FastUperNet(nn.Module):
             if self.config.use_auxiliary_head
             else None
         )
-        self.backend = backend
+        self.backend = dispatch.default_backend() if backend is None else dispatch.check_backend(backend)
+        self.winograd = dispatch.winograd_default() if winograd is None else bool(winograd)
         self.eval()
 
     # ------------------------------------------------------------------ construction and IO
     @classmethod
-    def from_config(cls, config: Any, *, backend: str = "auto", seed: int | None = None) -> FastUperNet:
+    def from_config(
+        cls, config: Any, *, backend: str | None = None, winograd: bool | None = None, seed: int | None = None
+    ) -> FastUperNet:
         """A randomly initialised model from a dict, a config.json path/directory or a transformers config."""
         if seed is not None:
             torch.manual_seed(seed)
-        return cls(UperNetConfig.from_any(config), backend=backend)
+        return cls(UperNetConfig.from_any(config), backend=backend, winograd=winograd)
 
     @classmethod
     def from_pretrained(cls, source: Any, **kwargs: Any) -> FastUperNet:
@@ -70,6 +79,12 @@ class FastUperNet(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ forward
+    def ops_for(self, device: torch.device | str | None = None) -> dispatch.Ops:
+        """The fused ops this model runs on `device` (default: its own), with its backend and Winograd choice."""
+        return dispatch.ops_for(
+            self.backend, self.device if device is None else device, winograd=self.winograd
+        )
+
     def _check_pixel_values(self, pixel_values: Any) -> None:
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -130,13 +145,14 @@ class FastUperNet(nn.Module):
         )
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
 
+        ops = self.ops_for(pixel_values.device)
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
         features = outputs.feature_maps
-        logits = ops.resize_bilinear(self.decode_head(features), pixel_values.shape[2:])
+        logits = ops.resize_bilinear(self.decode_head(features, ops), pixel_values.shape[2:])
 
         loss = None
         if labels is not None:
-            loss = self._loss(logits, features, labels, pixel_values.shape[2:])
+            loss = self._loss(logits, features, labels, pixel_values.shape[2:], ops)
 
         if not return_dict:
             # transformers slices the backbone output tuple (None fields dropped) the same way.
@@ -150,7 +166,12 @@ class FastUperNet(nn.Module):
         )
 
     def _loss(
-        self, logits: torch.Tensor, features: tuple[torch.Tensor, ...], labels: torch.Tensor, size: Any
+        self,
+        logits: torch.Tensor,
+        features: tuple[torch.Tensor, ...],
+        labels: torch.Tensor,
+        size: Any,
+        ops: dispatch.Ops,
     ) -> torch.Tensor:
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0] or tuple(labels.shape[1:]) != tuple(size):
             raise ValueError(
@@ -162,7 +183,7 @@ class FastUperNet(nn.Module):
         ignore = self.config.loss_ignore_index
         loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
         if self.auxiliary_head is not None:
-            aux = ops.resize_bilinear(self.auxiliary_head(features), size)
+            aux = ops.resize_bilinear(self.auxiliary_head(features, ops), size)
             loss = loss + self.config.auxiliary_loss_weight * F.cross_entropy(
                 aux, labels.long(), ignore_index=ignore
             )
