@@ -2,9 +2,12 @@
 
 Variants: transformers eager, torch.compile(transformers) with inductor freezing (compile time reported
 apart), upernet_fast, torch.compile(upernet_fast). Every timed figure is the median of `--runs` calls after
-a warm-up call, the variants taking turns so drift hits all of them alike. Peak memory is the resident-set
-growth during a call (sampled every millisecond; the process runs with a fixed glibc mmap threshold so
-freed tensors leave the RSS). Answers are compared with transformers eager: max |logit difference|
+a warm-up call, the variants taking turns so drift hits all of them alike, with the allocator in its
+default state (as a user runs it). Peak memory is measured afterwards, one extra call per variant: the
+resident-set growth during the call, sampled every millisecond, after switching glibc to a fixed 128 KiB
+mmap threshold and trimming the heap, so every large tensor is fresh memory and freed ones leave the RSS.
+(A fixed threshold for the timed calls would page-fault every large intermediate: it slowed upernet_fast
+from 1.24 s to 1.88 s at ConvNeXt-T 512x512.) Answers are compared with transformers eager: max |logit difference|
 relative to max |logit| and argmax agreement.
 
     python bench/e2e.py                      # full matrix (long: ~30+ min on 2 cores)
@@ -24,12 +27,7 @@ import threading
 import time
 from typing import Any
 
-# Large tensors must come from mmap so that freeing them shrinks the RSS (else peaks are unmeasurable).
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
-import torch  # noqa: E402
+import torch
 
 MODELS: dict[str, dict[str, Any]] = {
     "convnext-tiny": dict(
@@ -59,6 +57,27 @@ MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 VARIANTS = ("hf", "hf-compile", "fast", "fast-compile")
+
+
+def _libc_malloc_tuning() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def memory_measurement_mode() -> bool:
+    """Fixed 128 KiB mmap threshold + heap trim (glibc), so RSS growth during a call is its peak memory.
+    Returns False (peaks not measurable) where glibc's mallopt is unavailable."""
+    libc = _libc_malloc_tuning()
+    if libc is None:
+        return False
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.malloc_trim(0)
+    return True
 
 
 class PeakRSS:
@@ -178,11 +197,15 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
                 compile_s[v] = time.perf_counter() - t
         for _ in range(runs):
             for v, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[v].append(time.perf_counter() - t)
+        if memory_measurement_mode():
+            for v, fn in fns.items():
+                _libc_malloc_tuning().malloc_trim(0)
                 with PeakRSS() as mem:
-                    t = time.perf_counter()
                     fn()
-                    times[v].append(time.perf_counter() - t)
-                peaks[v] = max(peaks.get(v, 0.0), mem.growth_mb)
+                peaks[v] = mem.growth_mb
     reference = outputs.get("hf")
     rows = []
     base = statistics.median(times["hf"]) if "hf" in times else None
@@ -196,7 +219,7 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             variant=v,
             median_s=med,
             runs_s=times[v],
-            peak_mb=peaks[v],
+            peak_mb=peaks.get(v),
             speedup_vs_hf=(base / med) if base else None,
             speedup_vs_hf_compile=(base_compile / med) if base_compile else None,
             compile_s=compile_s.get(v),
@@ -212,6 +235,24 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             )
         rows.append(row)
     return dict(rows=rows)
+
+
+def run_config_isolated(
+    model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int
+) -> dict:
+    """`run_config` in a fresh interpreter: the memory pass changes the allocator for good, and compile
+    caches or heap growth from one config must not bleed into the next one's timings."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        spec = json.dumps(dict(model=model_name, size=list(size), batch=batch, variants=variants, runs=runs))
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--one-config", spec, "--json", out], check=True
+        )
+        with open(out) as f:
+            return json.load(f)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -230,7 +271,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch']} | {r['variant']} | {r['median_s']:.3f} | "
             f"{fmt(r['speedup_vs_hf'], '.2f')} | {fmt(r['speedup_vs_hf_compile'], '.2f')} | "
-            f"{r['peak_mb']:.0f} | {rel} | {agree} | {fmt(r['compile_s'], '.1f')} |"
+            f"{fmt(r['peak_mb'], '.0f')} | {rel} | {agree} | {fmt(r['compile_s'], '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -244,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", default="bench/results/e2e.json", help="where to write the JSON results")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, eager variants, 2 runs")
+    p.add_argument("--one-config", help=argparse.SUPPRESS)  # internal: one config, in this process
     args = p.parse_args(argv)
+    if args.one_config:
+        spec = json.loads(args.one_config)
+        result = run_config(spec["model"], tuple(spec["size"]), spec["batch"], spec["variants"], spec["runs"])
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return 0
     if args.quick:
         args.models, args.sizes, args.batches, args.variants, args.runs = (
             "convnext-mini,swin-mini",
@@ -264,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         for size_s in args.sizes.split(","):
             size = tuple(int(s) for s in size_s.split("x"))
             for batch in (int(b) for b in args.batches.split(",")):
-                result = run_config(model_name, size, batch, variants, args.runs)
+                result = run_config_isolated(model_name, size, batch, variants, args.runs)
                 rows.extend(result["rows"])
                 print(format_table(result["rows"]), flush=True)
     table = format_table(rows)

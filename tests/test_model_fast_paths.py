@@ -1,0 +1,110 @@
+"""The model-level fast-path switches: Winograd on/off (dispatch.use_winograd), the backend choice, and
+`torch.compile(model, fullgraph=True)` through the registered ops, each against transformers."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import upernet_fast
+from conftest import compare_logits, make_reference
+from upernet_fast import dispatch
+
+# the module, not the op of the same name that `upernet_fast.kernels` exports
+conv_module = importlib.import_module("upernet_fast.kernels.conv_bn_relu")
+
+REL_TOL = 1e-4  # as in test_model_parity: max |diff| <= REL_TOL x max |reference logit|
+
+
+@pytest.fixture(scope="module")
+def wide_reference():
+    """A head wide enough (256 channels) for the Winograd rule to apply at level 0."""
+    return make_reference("convnext", hidden_size=256, num_labels=7, auxiliary_channels=16)
+
+
+def _count_winograd(monkeypatch) -> list[tuple]:
+    calls: list[tuple] = []
+    real = conv_module.conv3x3_winograd
+
+    def spy(x, u, bias=None, relu=False):
+        calls.append(tuple(x.shape))
+        return real(x, u, bias, relu)
+
+    monkeypatch.setattr(conv_module, "conv3x3_winograd", spy)
+    return calls
+
+
+def test_winograd_runs_on_wide_heads_and_matches(wide_reference, monkeypatch):
+    monkeypatch.delenv(dispatch.WINOGRAD_ENV_VAR, raising=False)
+    calls = _count_winograd(monkeypatch)
+    x = torch.randn(2, 3, 75, 101, generator=torch.Generator().manual_seed(5))  # level 0: 18x25
+    fast = upernet_fast.load(wide_reference)
+    assert fast.winograd
+    with torch.no_grad():
+        ref = wide_reference(x).logits
+        report = compare_logits(ref, fast(x).logits, REL_TOL)
+    # fpn_convs[0] and fpn_bottleneck's direct group at level 0 (18x25 >= 16); levels 1-3 are smaller.
+    assert calls == [(2, 256, 18, 25), (2, 256, 18, 25)], calls
+    exact = upernet_fast.load(wide_reference, winograd=False)
+    calls.clear()
+    with torch.no_grad():
+        exact_report = compare_logits(ref, exact(x).logits, REL_TOL)
+    assert calls == []
+    print(f"winograd {report} / exact {exact_report}")
+
+
+def test_winograd_env_switch(wide_reference, monkeypatch):
+    monkeypatch.setenv(dispatch.WINOGRAD_ENV_VAR, "0")
+    assert not upernet_fast.load(wide_reference).winograd
+    monkeypatch.setenv(dispatch.WINOGRAD_ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="UPERNET_FAST_WINOGRAD='maybe'"):
+        upernet_fast.load(wide_reference)
+
+
+def test_backend_names_checked_and_env_default(monkeypatch):
+    ref = make_reference("convnext")
+    with pytest.raises(ValueError, match="valid choices: auto, triton, torch"):
+        upernet_fast.load(ref, backend="cuda")
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert upernet_fast.load(ref).backend == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fast = upernet_fast.load(ref, backend="triton")  # a valid name; it can only run under the interpreter
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fast(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager_and_reference():
+    ref = make_reference("convnext")
+    fast = upernet_fast.load(ref, backend="torch")
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)
+    with torch.no_grad():
+        eager, out = fast(x).logits, compiled(x).logits
+        compare_logits(eager, out, 1e-5)
+        compare_logits(ref(x).logits, out, REL_TOL)
+
+
+def test_checkout_kernels_folder_is_inert_as_top_level_module(monkeypatch):
+    """From a checkout, `kernels/` is importable as `kernels` (transformers probes that name for Hugging
+    Face's package): it must register nothing and offer no version, so neither side is confused."""
+    import sys
+    from pathlib import Path
+
+    root = Path(upernet_fast.__file__).resolve().parent.parent
+    if not (root / "kernels" / "__init__.py").exists():
+        pytest.skip("not a repository checkout")
+    monkeypatch.syspath_prepend(str(root))
+    saved = sys.modules.pop("kernels", None)
+    try:
+        top = importlib.import_module("kernels")
+        assert Path(top.__file__).resolve() == root / "kernels" / "__init__.py"
+        assert top.__all__ == [] and not hasattr(top, "__version__")
+        assert not any(name.startswith("kernels.") for name in sys.modules)
+    finally:
+        sys.modules.pop("kernels", None)
+        if saved is not None:
+            sys.modules["kernels"] = saved
