@@ -263,3 +263,19 @@ def test_resize_argmax_ties_and_nan() -> None:
 def test_triton_rejects_float64() -> None:
     with pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
         resize_bilinear_triton(rand(1, 1, 2, 2, dtype=torch.float64), (3, 3))
+
+
+# ------------------------------------------------------------------------------------------- whole model
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_model_triton_backend_matches_transformers(kind) -> None:
+    """`load(..., backend="triton")`: every head op through the Triton kernels, against transformers."""
+    import upernet_fast
+    from conftest import compare_logits, make_reference
+
+    ref = make_reference(kind)
+    fast = upernet_fast.load(ref, backend="triton")
+    assert all(fast.ops_for().backend_of(op) == "triton" for op in ("conv_bn_relu", "upsample_shift_add"))
+    x = torch.randn(1, 3, 53, 67, generator=torch.Generator().manual_seed(7))  # odd, not multiples of 32
+    with torch.no_grad():
+        report = compare_logits(ref(x).logits, fast(x.to(DEVICE)).logits.cpu(), 1e-4)
+    print(f"{kind} triton backend vs transformers: {report}")
