@@ -159,7 +159,7 @@ def test_unknown_backbone_without_transformers(monkeypatch):
 
 
 def test_bad_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; valid choices: auto, triton, torch"):
         upernet_fast.load(make_reference("convnext"), backend="cuda")
 
 

@@ -122,6 +122,7 @@ class FastUperNet(nn.Module):
             return run_transformers_backbone(self.backbone, pixel_values, hidden, attentions)
         return self.backbone(pixel_values, output_hidden_states=hidden, output_attentions=attentions)
 
+    @torch.no_grad()
     def forward(
         self,
         pixel_values: torch.Tensor,

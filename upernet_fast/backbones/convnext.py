@@ -2,7 +2,9 @@
 
 Fast path (exact up to float rounding): activations stay channels-last in memory, so the block's
 NCHW→NHWC permutes are free views; the LayerNorm affine is folded into `pwconv1` and the layer scale into
-`pwconv2` (float64 fold), leaving a bare normalisation. Parameter names are transformers'.
+`pwconv2` (float64 fold), leaving a bare normalisation. The MLP runs on oneDNN with prepacked weights and
+GELU fused (`fused_linear`), in row chunks, and writes `x + mlp(...)` into the depthwise conv's output
+buffer (no extra full-size tensor). Parameter names are transformers'.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..folding import cached
 from .base import Backbone, BackboneOutput, stage_selection
+from .fused_linear import FUSED_ACT, LinearWeights, mlp_rows_
 
 # transformers' ConvNextConfig defaults (hub configs may omit any of these).
 CONVNEXT_DEFAULTS: dict[str, Any] = {
@@ -67,28 +70,37 @@ class ConvNextLayer(nn.Module):
             nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
         )
         self.act = ACTIVATIONS[act]
+        self.fused_act = FUSED_ACT.get(act)
 
-    def folded(self) -> tuple[torch.Tensor, ...]:
+    def folded(self) -> tuple[LinearWeights, LinearWeights]:
         ln, fc1, fc2, gamma = self.layernorm, self.pwconv1, self.pwconv2, self.layer_scale_parameter
 
-        def build() -> tuple[torch.Tensor, ...]:
+        def build() -> tuple[LinearWeights, LinearWeights]:
             dtype = fc1.weight.dtype
             w1 = fc1.weight.double() * ln.weight.double()  # LN scale → columns of fc1
             b1 = fc1.bias.double() + fc1.weight.double() @ ln.bias.double()
             w2, b2 = fc2.weight.double(), fc2.bias.double()
             if gamma is not None:  # layer scale → rows of fc2
                 w2, b2 = w2 * gamma.double()[:, None], b2 * gamma.double()
-            return tuple(t.to(dtype).contiguous() for t in (w1, b1, w2, b2))
+            w1, b1, w2, b2 = (t.to(dtype).contiguous() for t in (w1, b1, w2, b2))
+            return LinearWeights(w1, b1), LinearWeights(w2, b2)
 
         sources = [ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma]
         return cached(self, "mlp", sources, build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, b1, w2, b2 = self.folded()
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # a view when x is channels-last
-        y = F.layer_norm(y, self.layernorm.normalized_shape, None, None, self.layernorm.eps)
-        y = F.linear(self.act(F.linear(y, w1, b1)), w2, b2)
-        return x + y.permute(0, 3, 1, 2)
+        fc1, fc2 = self.folded()
+        if torch.is_grad_enabled():  # in-place row chunks are for inference; FastUperNet runs under no_grad
+            y = self.dwconv(x).permute(0, 2, 3, 1)
+            y = F.layer_norm(y, self.layernorm.normalized_shape, None, None, self.layernorm.eps)
+            y = F.linear(self.act(F.linear(y, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+            return x + y.permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = self.dwconv(x).contiguous(memory_format=torch.channels_last)  # no-ops on the fast path
+        c = y.shape[1]
+        rows, residual = y.permute(0, 2, 3, 1).view(-1, c), x.permute(0, 2, 3, 1).view(-1, c)
+        mlp_rows_(rows, rows, fc1, fc2, self.layernorm.eps, self.fused_act, self.act, residual=residual)
+        return y
 
 
 class ConvNextStage(nn.Module):

@@ -31,7 +31,6 @@ Inference fast path (no autograd, no attention weights asked for; exact up to fl
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from ..folding import cached
 from .base import Backbone, BackboneOutput, stage_selection
+from .fused_linear import FUSED_ACT, LinearWeights, linear, mlp_rows_, normalize, plain_weights
 
 # transformers' SwinConfig defaults (the fields that matter at inference).
 SWIN_DEFAULTS: dict[str, Any] = {
@@ -82,7 +82,6 @@ _INMEMORY_RENAMES = (
 _CACHE_SIZE = 4  # (input size, dtype, device) entries kept per block
 _PAD_GATHER_FIRST = 1.1  # window rows / token rows below which the input, not qkv, is partitioned
 _ATTN_CHUNK_ROWS = 4096  # window rows per attention chunk when the input is partitioned first
-_MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: Swin-T stage 1 MLP 49 ms vs 71 ms unchunked; flat at 256-4096
 
 
 def _pair(v: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -156,76 +155,6 @@ def _window_chunks(
             local = is_pad[w0 * n : w1 * n].nonzero()[:, 0]
             runs.append((w0, w1, s, local.to(device) if len(local) else None))
     return tuple(runs)
-
-
-_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-_REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-_PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..21888 rows)
-# hidden_act -> oneDNN post-op (attr, algorithm) fused into `intermediate.dense`.
-_FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
-
-
-def _use_onednn(x: torch.Tensor) -> bool:
-    return (
-        _LINEAR_POINTWISE is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-class _LinearWeights:
-    """Inference weights of one Linear: plain `weight`/`bias` and, on CPU fp32, a oneDNN-packed copy of the
-    weight (an opaque tensor: no storage, so it cannot be deep-copied or pickled; both drop it, and the
-    `folding.cached` key, which holds the source pointers, makes the copy rebuild it on first use)."""
-
-    __slots__ = ("weight", "bias", "packed")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
-        self.weight, self.bias, self.packed = weight, bias, None
-        if pack and _REORDER_LINEAR_WEIGHT is not None and _use_onednn(weight):
-            try:
-                self.packed = _REORDER_LINEAR_WEIGHT(weight.detach(), _PACK_BATCH_HINT)
-            except RuntimeError:  # no packing on this build/CPU: the plain weight works too
-                self.packed = None
-
-    def __deepcopy__(self, memo: dict) -> _LinearWeights:
-        return _LinearWeights(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo), pack=False)
-
-    def __reduce__(self):
-        return (_LinearWeights, (self.weight, self.bias, False))
-
-
-def _linear(x: torch.Tensor, lw: _LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
-    """`F.linear` (+ fused activation); on CPU fp32 oneDNN's inner product with the packed weight, measured
-    10-40% faster than the default MKL sgemm at Swin's shapes (K = 96..3072, thin outputs)."""
-    if _use_onednn(x):
-        attr, algo = act if act is not None else ("none", "")
-        weight = lw.packed if lw.packed is not None else lw.weight
-        return _LINEAR_POINTWISE(x, weight, lw.bias, attr, [], algo)
-    y = F.linear(x, lw.weight, lw.bias)
-    if act is None:
-        return y
-    return F.relu(y) if act[0] == "relu" else F.gelu(y, approximate=act[1])
-
-
-def _plain_weights(owner: nn.Module, name: str, linear: nn.Linear) -> _LinearWeights:
-    return cached(
-        owner, name, [linear.weight, linear.bias], lambda: _LinearWeights(linear.weight, linear.bias)
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _unit_affine(c: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ones(c, dtype=dtype, device=device), torch.zeros(c, dtype=dtype, device=device)
-
-
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Affine-free LayerNorm over the last dim. Passes an explicit unit affine (exact: ×1, +0) because
-    PyTorch's CPU kernel without weight/bias is ~40% slower (2.8 vs 1.9 ms on 21888x96)."""
-    weight, bias = _unit_affine(x.shape[-1], x.dtype, x.device)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def _fold_ln_into_linear(
@@ -331,7 +260,7 @@ class SwinLayer(nn.Module):
         self.intermediate = _Dense(dim, hidden)
         self.output = _Dense(hidden, dim)
         self.act = _ACT[cfg["hidden_act"]]()
-        self._fused_act = _FUSED_ACT.get(cfg["hidden_act"])
+        self._fused_act = FUSED_ACT.get(cfg["hidden_act"])
         self._cache: dict[tuple, torch.Tensor] = {}  # replaced, never mutated: safe to read from any thread
 
     def _bias_mask(self, hp: int, wp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -397,7 +326,7 @@ class SwinLayer(nn.Module):
 
     # ---- inference fast path -------------------------------------------------------------------------
 
-    def _qkv_weights(self) -> tuple[_LinearWeights, torch.Tensor]:
+    def _qkv_weights(self) -> tuple[LinearWeights, torch.Tensor]:
         """Fused qkv Linear over the affine-free `layernorm_before`, query scaling folded in; plus the qkv
         row of a padded (all-zero after the norm) token, i.e. the scaled qkv bias."""
         s, ln = self.attention.self, self.layernorm_before
@@ -412,31 +341,23 @@ class SwinLayer(nn.Module):
             scale[:dim] = (dim // self.num_heads) ** -0.5
             wf, bf = _fold_ln_into_linear(ln, w, b, scale)
             pad = torch.zeros_like(bf) if b is None else (b.double() * scale).to(bf.dtype)
-            return _LinearWeights(wf, bf), pad
+            return LinearWeights(wf, bf), pad
 
         return cached(self, "qkv", sources, build)
 
-    def _fc1_weights(self) -> _LinearWeights:
+    def _fc1_weights(self) -> LinearWeights:
         ln, fc1 = self.layernorm_after, self.intermediate.dense
         return cached(
             self,
             "fc1",
             [ln.weight, ln.bias, fc1.weight, fc1.bias],
-            lambda: _LinearWeights(*_fold_ln_into_linear(ln, fc1.weight, fc1.bias)),
+            lambda: LinearWeights(*_fold_ln_into_linear(ln, fc1.weight, fc1.bias)),
         )
 
     def _mlp_(self, x: torch.Tensor) -> None:
         """x (T, C) += MLP(layernorm_after(x)), in place, in row chunks (the 4C hidden stays in cache)."""
-        t, c = x.shape
-        fc1, fc2 = self._fc1_weights(), _plain_weights(self, "fc2", self.output.dense)
-        eps, act = self.layernorm_after.eps, self._fused_act
-        step = _MLP_CHUNK_ROWS if x.device.type == "cpu" else t
-        for start in range(0, t, step):
-            xs = x[start : start + step]
-            hidden = _linear(_normalize(xs, eps), fc1, act)
-            if act is None:
-                hidden = self.act(hidden)
-            xs += _linear(hidden, fc2)
+        fc1, fc2 = self._fc1_weights(), plain_weights(self, "fc2", self.output.dense)
+        mlp_rows_(x, x, fc1, fc2, self.layernorm_after.eps, self._fused_act, self.act)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Inference only (no autograd, no attention weights). x: (B, H, W, C) -> (B, H, W, C)."""
@@ -463,12 +384,12 @@ class SwinLayer(nn.Module):
             out = x.new_empty(windows, n, heads, c // heads)
             chunk = max(_ATTN_CHUNK_ROWS // n, 1)
             for w0, w1, m0, pad_local in _window_chunks(b, h, w, ws, self.shift_size, chunk, x.device):
-                qkv = _linear(_normalize(tokens.index_select(0, gather[w0 * n : w1 * n]), eps), wqkv)
+                qkv = linear(normalize(tokens.index_select(0, gather[w0 * n : w1 * n]), eps), wqkv)
                 if pad_local is not None:  # transformers pads after the affine norm: a zero token's qkv
                     qkv[pad_local] = pad_row  # is the bias
                 out[w0:w1] = attend(qkv, mask if mask.shape[0] == 1 else mask[m0 : m0 + w1 - w0])
         else:  # much padding (late stages, few tokens): no Linear on padded rows
-            qkv = _linear(_normalize(tokens, eps), wqkv).index_select(0, gather)
+            qkv = linear(normalize(tokens, eps), wqkv).index_select(0, gather)
             if pad is not None:
                 qkv[pad] = pad_row
             if mask.shape[0] == 1 or b == 1:
@@ -479,7 +400,7 @@ class SwinLayer(nn.Module):
                     sl = slice(i * per_image, (i + 1) * per_image)
                     out[sl] = attend(qkv[sl.start * n : sl.stop * n], mask)
         out = out.reshape(-1, c).index_select(0, scatter)  # un-partition + roll back + crop: (B*H*W, C)
-        x = _linear(out, _plain_weights(self, "proj", self.attention.output.dense)).add_(tokens)
+        x = linear(out, plain_weights(self, "proj", self.attention.output.dense)).add_(tokens)
         self._mlp_(x)
         return x.view(b, h, w, c)
 
@@ -518,10 +439,10 @@ class SwinPatchMerging(nn.Module):
             self,
             "reduction",
             [self.norm.weight, self.norm.bias, red.weight, red.bias],
-            lambda: _LinearWeights(*_fold_ln_into_linear(self.norm, red.weight, red.bias)),
+            lambda: LinearWeights(*_fold_ln_into_linear(self.norm, red.weight, red.bias)),
         )
-        y = _normalize(merged.view(-1, 4 * c), self.norm.eps)
-        return _linear(y, weights).view(b, h2, w2, -1)
+        y = normalize(merged.view(-1, 4 * c), self.norm.eps)
+        return linear(y, weights).view(b, h2, w2, -1)
 
 
 class SwinStage(nn.Module):
