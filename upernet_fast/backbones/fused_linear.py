@@ -26,7 +26,7 @@ _PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..
 FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
+def use_onednn(x: torch.Tensor) -> bool:
     return (
         _LINEAR_POINTWISE is not None
         and x.device.type == "cpu"
@@ -45,7 +45,7 @@ class LinearWeights:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
-        if pack and _REORDER_LINEAR_WEIGHT is not None and _use_onednn(weight):
+        if pack and _REORDER_LINEAR_WEIGHT is not None and use_onednn(weight):
             try:
                 self.packed = _REORDER_LINEAR_WEIGHT(weight.detach(), _PACK_BATCH_HINT)
             except RuntimeError:  # no packing on this build/CPU: the plain weight works too
@@ -61,7 +61,7 @@ class LinearWeights:
 def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
     """`F.linear` (+ fused activation); on CPU fp32 oneDNN's inner product with the packed weight, measured
     10-40% faster than the default MKL sgemm at Swin's shapes (K = 96..3072, thin outputs)."""
-    if _use_onednn(x):
+    if use_onednn(x):
         attr, algo = act if act is not None else ("none", "")
         weight = lw.packed if lw.packed is not None else lw.weight
         return _LINEAR_POINTWISE(x, weight, lw.bias, attr, [], algo)
