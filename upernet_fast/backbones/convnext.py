@@ -111,12 +111,7 @@ class ConvNextLayer(nn.Module):
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """x + pwconv2(act(pwconv1(norm(dwconv(x))))) as 1x1 oneDNN convs with fused post-ops (x channels-last)."""
         fc1, fc2 = self.folded()
-        w1, w2 = cached(
-            self,
-            "conv1x1",
-            [fc1.weight, fc2.weight],
-            lambda: (fc1.weight[:, :, None, None], fc2.weight[:, :, None, None]),
-        )
+        w1, w2 = fc1.weight[:, :, None, None], fc2.weight[:, :, None, None]  # views: 1x1 conv weights
         y = normalize(self.dwconv(x).permute(0, 2, 3, 1), self.layernorm.eps).permute(0, 3, 1, 2)
         attr, algo = self.fused_act
         one, zero = [1, 1], [0, 0]

@@ -27,8 +27,11 @@ FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "r
 
 
 def use_onednn(x: torch.Tensor) -> bool:
+    """Eager CPU float32 with oneDNN. Under torch.compile the plain ops are traced instead: Inductor fuses
+    those itself, and dynamo refuses to trace `torch.backends.mkldnn.is_available`."""
     return (
         _LINEAR_POINTWISE is not None
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.backends.mkldnn.enabled
