@@ -18,7 +18,6 @@ Not exact: the transforms amplify rounding. Measured fp32 error against a float6
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 _BT = [
     [4, 0, -5, 0, 1, 0],
@@ -63,21 +62,24 @@ def conv3x3_winograd(
     batch, cin, h, w = x.shape
     cout = u.shape[2]
     th, tw = -(-h // 4), -(-w // 4)
-    # zero border of 1 on top/left, enough on bottom/right to complete the last tile
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 4 * tw + 1 - w, 1, 4 * th + 1 - h)).contiguous()
-    s_b, s_h, s_w, s_c = xp.stride()
+    xn = x.permute(0, 2, 3, 1)  # NHWC view (free when x is channels-last)
     bb = _kron(_BT, x.dtype, x.device)
     aa = _kron(_AT, x.dtype, x.device)
     out = torch.empty(batch, 4 * th, 4 * tw, cout, dtype=x.dtype, device=x.device)
     rows = max(1, min(th, TARGET_TILES // max(1, batch * tw)))
+    # Zero-padded input rows of one block of tile rows (1 above, up to 4 * tw + 1 - w right/below), reused
+    # for every block: a whole padded copy of x would be one more full-size buffer (page faults, no reuse).
+    slab = x.new_zeros(batch, 4 * rows + 2, 4 * tw + 2, cin)
+    s_b, s_h, s_w, s_c = slab.stride()
     for r0 in range(0, th, rows):
         r = min(rows, th - r0)
+        top = 4 * r0 - 1  # input row held by slab row 0
+        lo, hi = max(top, 0), min(top + 4 * r + 2, h)
+        slab[:, : lo - top].zero_()
+        slab[:, lo - top : hi - top, 1 : w + 1].copy_(xn[:, lo:hi])
+        slab[:, hi - top : 4 * r + 2].zero_()
         # overlapping 6x6 tiles (stride 4) as a view: (6, 6, batch, r, tw, Cin)
-        tiles = xp.as_strided(
-            (6, 6, batch, r, tw, cin),
-            (s_h, s_w, s_b, 4 * s_h, 4 * s_w, s_c),
-            xp.storage_offset() + 4 * r0 * s_h,
-        )
+        tiles = slab.as_strided((6, 6, batch, r, tw, cin), (s_h, s_w, s_b, 4 * s_h, 4 * s_w, s_c))
         n = batch * r * tw
         v = (bb @ tiles.reshape(36, n * cin)).view(36, n, cin)
         m = torch.bmm(v, u)  # 36 GEMMs (tiles x Cin) @ (Cin x Cout)
