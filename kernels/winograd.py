@@ -54,6 +54,24 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(36, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+def _scatter_tiles(tiles: torch.Tensor, out: torch.Tensor, row0: int) -> torch.Tensor:
+    """Write output tiles (B, r, 4, tw, 4, C) (a view) into `out` (B, h, w, C) from row `row0`, clipping the
+    tiles that overhang the bottom/right edge; returns the rows written."""
+    batch, r, _, tw, _, c = tiles.shape
+    h, w = out.shape[1:3]
+    rows = min(4 * r, h - row0)
+    rf, twf = rows // 4, w // 4  # whole tile rows / columns inside the output
+    out[:, row0 : row0 + 4 * rf, : 4 * twf].view(batch, rf, 4, twf, 4, c).copy_(tiles[:, :rf, :, :twf])
+    if w > 4 * twf:  # right edge: the first w - 4 * twf columns of the last tile column
+        cw = w - 4 * twf
+        out[:, row0 : row0 + 4 * rf, 4 * twf :].view(batch, rf, 4, cw, c).copy_(tiles[:, :rf, :, twf, :cw])
+    if rows > 4 * rf:  # bottom edge: the first rows - 4 * rf rows of the last tile row, all columns
+        rh = rows - 4 * rf
+        edge = tiles[:, rf, :rh].reshape(batch, rh, 4 * tw, c)
+        out[:, row0 + 4 * rf : row0 + rows].copy_(edge[:, :, :w])
+    return out[:, row0 : row0 + rows]
+
+
 def conv3x3_winograd(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
@@ -65,7 +83,9 @@ def conv3x3_winograd(
     xn = x.permute(0, 2, 3, 1)  # NHWC view (free when x is channels-last)
     bb = _kron(_BT, x.dtype, x.device)
     aa = _kron(_AT, x.dtype, x.device)
-    out = torch.empty(batch, 4 * th, 4 * tw, cout, dtype=x.dtype, device=x.device)
+    # Exactly (B, h, w, Cout): a padded buffer sliced to (h, w) would not be channels-last contiguous, and
+    # every consumer (1x1 convs, the shift-add accumulation) would pay for that with copies.
+    out = torch.empty(batch, h, w, cout, dtype=x.dtype, device=x.device)
     rows = max(1, min(th, TARGET_TILES // max(1, batch * tw)))
     # Zero-padded input rows of one block of tile rows (1 above, up to 4 * tw + 1 - w right/below), reused
     # for every block: a whole padded copy of x would be one more full-size buffer (page faults, no reuse).
@@ -84,10 +104,9 @@ def conv3x3_winograd(
         v = (bb @ tiles.reshape(36, n * cin)).view(36, n, cin)
         m = torch.bmm(v, u)  # 36 GEMMs (tiles x Cin) @ (Cin x Cout)
         y = (aa @ m.view(36, n * cout)).view(4, 4, batch, r, tw, cout)
-        dst = out[:, 4 * r0 : 4 * (r0 + r)].view(batch, r, 4, tw, 4, cout)
-        dst.copy_(y.permute(2, 3, 0, 4, 1, 5))
+        dst = _scatter_tiles(y.permute(2, 3, 0, 4, 1, 5), out, 4 * r0)
         if bias is not None:
             dst.add_(bias)
         if relu:
             dst.relu_()
-    return out[:, :h, :w].permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2)

@@ -35,6 +35,11 @@ def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu):
         ref, direct = F.relu(ref), F.relu(direct)
     out = conv3x3_winograd(x, winograd_weight(weight), bias, relu=relu)
     assert out.shape == ref.shape
+    # a dense channels-last tensor even when h, w are not multiples of the 4x4 tile (edge tiles clipped)
+    assert (
+        out.is_contiguous(memory_format=torch.channels_last)
+        and out.untyped_storage().nbytes() == 4 * out.numel()
+    )
     scale = ref.abs().max().item()
     err = (out.double() - ref).abs()
     direct_err = (direct.double() - ref).abs().max().item()
