@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from upernet_fast import dispatch
 from upernet_fast.kernels import conv3x3_taps_weight, fold_batchnorm
+from upernet_fast.kernels.winograd import winograd_weight
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,6 +89,14 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
             Case("conv_bn_relu", f"{C}->{C} k{k} {size}x{size}", unfused,
                  lambda x=x, wf=wf, bf=bf, pad=pad: ops.conv_bn_relu(x, wf, bf, pad, True))
         )  # fmt: skip
+        xc = _cl(x)
+        if dispatch.use_winograd(ops, xc, wf, pad):  # what the head runs for this conv (CPU, wide, 3x3)
+            u = winograd_weight(wf)
+            cases.append(
+                Case("conv_bn_relu", f"{C}->{C} k{k} {size}x{size} winograd", unfused,
+                     lambda xc=xc, wf=wf, bf=bf, u=u: ops.conv_bn_relu(xc, wf, bf, 1, True, u),
+                     note="Winograd F(4x4,3x3), channels-last input; error column vs the exact conv")
+            )  # fmt: skip
 
     # PPM pooling: 768 channels at 16x16 (ConvNeXt-T stage 4), scales 1, 2, 3, 6.
     cp = 96 if quick else 768
