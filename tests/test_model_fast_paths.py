@@ -106,3 +106,13 @@ def test_checkout_kernels_folder_is_inert_as_top_level_module(monkeypatch):
         sys.modules.pop("kernels", None)
         if saved is not None:
             sys.modules["kernels"] = saved
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin", "resnet"])
+def test_logits_layout_like_transformers(kind):
+    """Same strides as transformers' logits (NCHW-contiguous): code that calls .view() on them keeps working."""
+    ref = make_reference(kind)
+    x = torch.randn(1, 3, 61, 79, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want, got = ref(x).logits, upernet_fast.load(ref)(x).logits
+    assert got.is_contiguous() and got.stride() == want.stride()

@@ -149,7 +149,9 @@ class FastUperNet(nn.Module):
         ops = self.ops_for(pixel_values.device)
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
         features = outputs.feature_maps
-        logits = ops.resize_bilinear(self.decode_head(features, ops), pixel_values.shape[2:])
+        # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
+        # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).
+        logits = ops.resize_bilinear(self.decode_head(features, ops).contiguous(), pixel_values.shape[2:])
 
         loss = None
         if labels is not None:

@@ -1,9 +1,18 @@
-"""Inference Linear layers on oneDNN: prepacked weights and the activation fused as a post-op.
+"""Inference Linear layers for the backbones: oneDNN or MKL, whichever measured faster for the shape.
 
 On CPU float32, `torch.ops.mkldnn._linear_pointwise` with a weight reordered once into oneDNN's blocked
-layout measured 10-40% faster than the MKL sgemm behind `F.linear` at the backbones' shapes (K = 96..3072,
-thin outputs), and it applies GELU/ReLU in the GEMM epilogue instead of another pass over the 4C hidden.
-Elsewhere (other devices/dtypes, builds without oneDNN) the same call falls back to `F.linear`.
+layout, the activation fused as a post-op, wins for narrow layers; the MKL sgemm behind `F.linear` (then
+a separate GELU) wins once both dimensions reach 192. Swin-T shapes at 512x683, 2 threads, GFLOP/s
+oneDNN / MKL (row chunks of 1024 for the MLP, as `mlp_rows_` runs it):
+
+    tokens x C     qkv        proj       fc1+GELU   fc2
+    21888 x 96     157 / 164  169 / 127  116 / 115  153 / 142
+    5472 x 192     148 / 171  184 / 177   96 / 107  172 / 169
+    1368 x 384     159 / 178  160 / 182  107 / 125  153 / 163
+    352 x 768      144 / 144  138 / 150  104 / 147  154 / 172
+
+(oneDNN's erf-GELU post-op is what makes fc1 slow from C = 192 on.) `ONEDNN_MAX_NARROW` is that rule.
+Elsewhere (other devices/dtypes, builds without oneDNN, under torch.compile) it is `F.linear`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from ..folding import cached
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: Swin-T stage 1 MLP 49 ms vs 71 ms unchunked; flat at 256-4096
+ONEDNN_MAX_NARROW = 192  # oneDNN when min(in_features, out_features) is below this, else MKL (table above)
 _PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..21888 rows)
 # hidden_act -> oneDNN post-op (attr, algorithm) fused into `intermediate.dense`.
 FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
@@ -44,11 +54,12 @@ class LinearWeights:
     weight (an opaque tensor: no storage, so it cannot be deep-copied or pickled; both drop it, and the
     `folding.cached` key, which holds the source pointers, makes the copy rebuild it on first use)."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "onednn")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
         self.weight, self.bias, self.packed = weight, bias, None
-        if pack and _REORDER_LINEAR_WEIGHT is not None and use_onednn(weight):
+        self.onednn = min(weight.shape) < ONEDNN_MAX_NARROW
+        if pack and self.onednn and _REORDER_LINEAR_WEIGHT is not None and use_onednn(weight):
             try:
                 self.packed = _REORDER_LINEAR_WEIGHT(weight.detach(), _PACK_BATCH_HINT)
             except RuntimeError:  # no packing on this build/CPU: the plain weight works too
@@ -62,9 +73,9 @@ class LinearWeights:
 
 
 def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
-    """`F.linear` (+ fused activation); on CPU fp32 oneDNN's inner product with the packed weight, measured
-    10-40% faster than the default MKL sgemm at Swin's shapes (K = 96..3072, thin outputs)."""
-    if use_onednn(x):
+    """`F.linear` (+ activation): oneDNN's inner product with the packed weight and fused activation for
+    narrow layers on CPU fp32, MKL otherwise (see the module docstring)."""
+    if lw.onednn and use_onednn(x):
         attr, algo = act if act is not None else ("none", "")
         weight = lw.packed if lw.packed is not None else lw.weight
         return _LINEAR_POINTWISE(x, weight, lw.bias, attr, [], algo)
