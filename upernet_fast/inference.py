@@ -22,13 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import preprocess
+from . import dispatch, preprocess
 from .preprocess import ImageInput
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 
-# Elements per block in `labels_at_size`: output-label rows (B * rows * W') and boundary pixels x 4 x C.
-_LABEL_BLOCK_ELEMENTS = 1 << 22
 
 
 def default_model_path() -> Path:
@@ -120,55 +118,17 @@ def slide_inference(
     return preds.div_(count)
 
 
-def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """PyTorch's bilinear (align_corners=False) source indices i0, i1 and weights l0, l1 along one axis,
-    computed in float32 in PyTorch's operation order (so each output pixel uses the same corners/weights)."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
-    i0 = src.to(torch.int64).clamp_(max=in_size - 1)
-    i1 = (i0 + 1).clamp_(max=in_size - 1)
-    l1 = (src - i0.to(torch.float32)).clamp_(0, 1)
-    return i0.to(device), i1.to(device), (1 - l1).to(device), l1.to(device)
-
-
 @torch.inference_mode()
-def labels_at_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def labels_at_size(logits: torch.Tensor, size: tuple[int, int], backend: str | None = None) -> torch.Tensor:
     """argmax over classes of `logits` (C, H, W) or (B, C, H, W) resized bilinearly (align_corners=False) to
     `size` = (height, width): int64 (H', W') or (B, H', W').
 
-    Same result as `F.interpolate(logits, size, mode="bilinear").argmax(1)` without the full-size C-channel
-    tensor. Exact shortcut: where the four source pixels of an output pixel share their argmax class k,
-    k beats every class at each corner, hence in any convex combination: the label is k. Only the other
-    (boundary) pixels are interpolated, with PyTorch's formula h0*(w0*x00 + w1*x01) + h1*(w0*x10 + w1*x11).
-    Work is done in blocks of output rows / boundary pixels, so memory stays bounded."""
+    The fused `resize_argmax` op (through `dispatch`, so the Triton kernel on CUDA): the same labels as
+    `F.interpolate(logits, size, mode="bilinear").argmax(1)` in bounded memory, never the full-size
+    C-channel tensor. (It replaced a boundary-pixel shortcut that was slower: 150 x 128² -> 512², 2 threads,
+    44 vs 185 ms; to 3000x4000, 4.3 vs 4.6 s; identical labels.)"""
     x = logits[None] if logits.dim() == 3 else logits
-    batch, channels, height, width = x.shape
-    out_h, out_w = int(size[0]), int(size[1])
-    if (height, width) == (out_h, out_w):
-        labels = x.argmax(1)
-        return labels[0] if logits.dim() == 3 else labels
-    x = x.float()
-    low = x.argmax(1).to(torch.int32)  # (B, H, W): per-pixel winners at the input resolution
-    hi0, hi1, hl0, hl1 = _source_index(height, out_h, x.device)
-    wi0, wi1, wl0, wl1 = _source_index(width, out_w, x.device)
-    labels = torch.empty((batch, out_h, out_w), dtype=torch.int64, device=x.device)
-    rows = max(1, _LABEL_BLOCK_ELEMENTS // max(1, batch * out_w))
-    pixels_per_chunk = max(1, _LABEL_BLOCK_ELEMENTS // (4 * channels))
-    for r0 in range(0, out_h, rows):
-        r1 = min(out_h, r0 + rows)
-        top, bottom = low[:, hi0[r0:r1]], low[:, hi1[r0:r1]]
-        block = top[:, :, wi0]
-        disagree = (block != top[:, :, wi1]) | (block != bottom[:, :, wi0]) | (block != bottom[:, :, wi1])
-        boundary = disagree.nonzero()
-        for p0 in range(0, len(boundary), pixels_per_chunk):
-            b, r, c = boundary[p0 : p0 + pixels_per_chunk].unbind(1)
-            y0, y1, x0, x1 = hi0[r0 + r], hi1[r0 + r], wi0[c], wi1[c]
-            h0, h1, w0, w1 = hl0[r0 + r, None], hl1[r0 + r, None], wl0[c, None], wl1[c, None]
-            value = h0 * (w0 * x[b, :, y0, x0] + w1 * x[b, :, y0, x1]) + h1 * (
-                w0 * x[b, :, y1, x0] + w1 * x[b, :, y1, x1]
-            )
-            block[b, r, c] = value.argmax(1).to(torch.int32)
-        labels[:, r0:r1] = block
+    labels = dispatch.get_op("resize_argmax", backend, x.device)(x, [int(size[0]), int(size[1])])
     return labels[0] if logits.dim() == 3 else labels
 
 
@@ -281,7 +241,8 @@ class Segmenter:
                 chunk = indices[s : s + self.batch_size]
                 scores = self.predict_scores([images[i] for i in chunk], proc)
                 for k, i in enumerate(chunk):
-                    out[i] = labels_at_size(scores[k], (images[i].height, images[i].width)).cpu()
+                    size = (images[i].height, images[i].width)
+                    out[i] = labels_at_size(scores[k], size, getattr(self.model, "backend", None)).cpu()
         return out
 
     @torch.inference_mode()
