@@ -28,7 +28,6 @@ from .preprocess import ImageInput
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 
 
-
 def default_model_path() -> Path:
     """Directory of the small embedded model (HF format: config.json + model.safetensors)."""
     return EMBEDDED_MODEL_DIR
