@@ -45,8 +45,9 @@ def test_winograd_runs_on_wide_heads_and_matches(wide_reference, monkeypatch):
     with torch.no_grad():
         ref = wide_reference(x).logits
         report = compare_logits(ref, fast(x).logits, REL_TOL)
-    # fpn_convs[0] and fpn_bottleneck's direct group at level 0 (18x25 >= 16); levels 1-3 are smaller.
-    assert calls == [(2, 256, 18, 25), (2, 256, 18, 25)], calls
+    # dispatch.WINOGRAD_WINS at 256 channels: maps of 8x8 and up, i.e. fpn_convs[0] (18x25), fpn_convs[1]
+    # (9x12) and fpn_bottleneck's level-0 group; not fpn_convs[2] (4x6) nor the PPM (40 input channels).
+    assert calls == [(2, 256, 18, 25), (2, 256, 9, 12), (2, 256, 18, 25)], calls
     exact = upernet_fast.load(wide_reference, winograd=False)
     calls.clear()
     with torch.no_grad():

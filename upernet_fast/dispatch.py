@@ -50,9 +50,11 @@ __all__ = [
 
 ENV_VAR = "UPERNET_FAST_BACKEND"
 WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
-# Smallest channel counts / map side where Winograd beat oneDNN (2 threads, AVX2; bench/bench_ops.py).
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_MIN_SIDE = 16
+# (min channels, min map side) where Winograd F(4x4,3x3) measured faster than oneDNN's direct 3x3 conv
+# (+ bias + ReLU), channels-last, 2 threads, AVX2, ms oneDNN / Winograd:
+#   128 ch: 8² 0.24/0.29, 16² 0.53/0.50, 32² 1.66/1.20;  256 ch: 8² 0.77/0.56, 16² 1.99/1.08, 32² 6.53/3.19;
+#   512 ch: 8² 3.84/2.62, 16² 8.76/4.53, 32² 27.6/11.0, 128² ~430/~190.
+WINOGRAD_WINS = ((256, 8), (128, 16))
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -111,8 +113,7 @@ def use_winograd(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) 
         and (kh, kw, padding) == (3, 3, 1)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
-        and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE
+        and any(min(c_in, c_out) >= c and min(x.shape[2:]) >= side for c, side in WINOGRAD_WINS)
         and ops.backend_of("conv_bn_relu") == "torch"
     )
 
