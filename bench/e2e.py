@@ -59,25 +59,20 @@ MODELS: dict[str, dict[str, Any]] = {
 VARIANTS = ("hf", "hf-compile", "fast", "fast-compile")
 
 
-def _libc_malloc_tuning() -> Any:
+def memory_measurement_mode() -> Any:
+    """Switch glibc to a fixed 128 KiB mmap threshold and trim the heap, so RSS growth during a call is its
+    peak memory; returns libc (call `malloc_trim(0)` before each measured call), or None where glibc's
+    mallopt is unavailable (peaks then go unreported)."""
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-
-
-def memory_measurement_mode() -> bool:
-    """Fixed 128 KiB mmap threshold + heap trim (glibc), so RSS growth during a call is its peak memory.
-    Returns False (peaks not measurable) where glibc's mallopt is unavailable."""
-    libc = _libc_malloc_tuning()
-    if libc is None:
-        return False
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 128 * 1024)
     libc.malloc_trim(0)
-    return True
+    return libc
 
 
 class PeakRSS:
@@ -200,9 +195,10 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
                 t = time.perf_counter()
                 fn()
                 times[v].append(time.perf_counter() - t)
-        if memory_measurement_mode():
+        libc = memory_measurement_mode()
+        if libc is not None:
             for v, fn in fns.items():
-                _libc_malloc_tuning().malloc_trim(0)
+                libc.malloc_trim(0)
                 with PeakRSS() as mem:
                     fn()
                 peaks[v] = mem.growth_mb

@@ -208,3 +208,26 @@ def test_convert_error_is_reported(tmp_path, capsys):
 
 def test_embedded_model_is_present():
     assert (default_model_path() / "model.safetensors").is_file()
+
+
+def test_fast_path_options(monkeypatch):
+    """--backend / --exact reach load(): --exact turns Winograd off, nothing given leaves the defaults."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["segment", "x.png", "--out", "o", "--exact", "--backend", "torch"])
+    assert cli._fast_path_kwargs(args) == {"backend": "torch", "winograd": False}
+    args = parser.parse_args(["info"])
+    assert cli._fast_path_kwargs(args) == {"backend": None, "winograd": None}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--backend", "cuda"])
+    seen = {}
+    import upernet_fast.inference as inference  # cmd_info imports load_model from here when it runs
+
+    real_load = inference.load_model
+
+    def spy(source, **kwargs):
+        seen.update(kwargs)
+        return real_load(source, **kwargs)
+
+    monkeypatch.setattr(inference, "load_model", spy)
+    assert cli.main(["info", "--exact"]) == 0
+    assert seen == {"backend": None, "winograd": False}

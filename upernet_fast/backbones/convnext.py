@@ -6,7 +6,8 @@ NCHW→NHWC permutes are free views; the LayerNorm affine is folded into `pwconv
 convolutions on the channels-last map, GELU and the residual add fused as post-ops
 (`mkldnn._convolution_pointwise`): per block (ms, 2 threads) 18.5 / 15.6 / 15.0 / 14.8 at stages 1-4 of
 ConvNeXt-T at 512², against 40.3 / 16.1 / 14.5 / 15.6 for F.linear + GELU + add and 20.0 / 18.8 / 18.5 /
-19.1 for oneDNN Linears in row chunks (`fused_linear.mlp_rows_`, still the path for other activations). Parameter names are transformers'.
+19.1 for oneDNN Linears in row chunks (`fused_linear.mlp_rows_`, still the path for other activations).
+Parameter names are transformers'.
 """
 
 from __future__ import annotations
@@ -101,16 +102,15 @@ class ConvNextLayer(nn.Module):
             return x + y.permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
         if self.fused_act is not None and _CONV_POINTWISE is not None and use_onednn(x):
-            return self._forward_onednn(x)
+            return self._forward_onednn(x, fc1, fc2)
         y = self.dwconv(x).contiguous(memory_format=torch.channels_last)  # no-ops on the fast path
         c = y.shape[1]
         rows, residual = y.permute(0, 2, 3, 1).view(-1, c), x.permute(0, 2, 3, 1).view(-1, c)
         mlp_rows_(rows, rows, fc1, fc2, self.layernorm.eps, self.fused_act, self.act, residual=residual)
         return y
 
-    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_onednn(self, x: torch.Tensor, fc1: LinearWeights, fc2: LinearWeights) -> torch.Tensor:
         """x + pwconv2(act(pwconv1(norm(dwconv(x))))) as 1x1 oneDNN convs with fused post-ops (x channels-last)."""
-        fc1, fc2 = self.folded()
         w1, w2 = fc1.weight[:, :, None, None], fc2.weight[:, :, None, None]  # views: 1x1 conv weights
         y = normalize(self.dwconv(x).permute(0, 2, 3, 1), self.layernorm.eps).permute(0, 3, 1, 2)
         attr, algo = self.fused_act
