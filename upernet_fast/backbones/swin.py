@@ -23,9 +23,9 @@ Inference fast path (no autograd, no attention weights asked for; exact up to fl
   stages) the 3C-wide qkv of the real tokens. Padded rows get the qkv bias (what a zero token gives);
 - attention is `scaled_dot_product_attention` on strided q/k/v views with the cached bias (+ shift mask):
   as fast as an explicit baddbmm/softmax/bmm at ws=7, and that one needs contiguous copies;
-- on CPU fp32 the Linears go to oneDNN (`mkldnn._linear_pointwise`, prepacked weights, GELU fused), faster
-  than the MKL sgemm behind `F.linear` here; the MLP (with its LayerNorm) runs in row chunks so its 4C
-  hidden stays in cache, and adds into the residual in place;
+- the Linears go through `fused_linear`: on CPU fp32, oneDNN (prepacked weights, GELU fused) for the
+  narrow stage-1 layers, MKL's sgemm for the rest (whichever measured faster, table there); the MLP (with
+  its LayerNorm) runs in row chunks so its 4C hidden stays in cache, and adds into the residual in place;
 - feature maps / hidden states are returned as NCHW views of channels-last memory (no copies).
 """
 
