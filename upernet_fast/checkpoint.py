@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from . import dispatch
 from .config import UperNetConfig
 from .model import FastUperNet
 
@@ -169,8 +168,6 @@ def load(
 
     `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`) and `winograd` (None reads
     `UPERNET_FAST_WINOGRAD`, default on) choose the fast paths; see `upernet_fast.dispatch`."""
-    if backend is not None:
-        dispatch.check_backend(backend)
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None or getattr(config, "model_type", None) != "upernet":
