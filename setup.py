@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=["upernet_fast", "upernet_fast.backbones", "upernet_fast.kernels"],
     package_dir={"upernet_fast.kernels": "kernels"},
-    package_data={"upernet_fast": ["assets/*"]},
+    package_data={"upernet_fast": ["assets/*"], "upernet_fast.kernels": ["csrc/*.c"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "triton", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={

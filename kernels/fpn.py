@@ -73,6 +73,7 @@ from ._common import (
     tl,
     triton,
 )
+from ._memory import empty_output
 
 __all__ = [
     "topdown_add",
@@ -167,11 +168,11 @@ def topdown_add_triton(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
 
 def topdown_add_torch(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     _check_topdown(hi, lo)
-    up = torch.nn.functional.interpolate(
-        lo.to(hi.dtype), size=hi.shape[2:], mode="bilinear", align_corners=False
-    )
-    # add_ into the freshly resized tensor: no third full-size buffer.
-    return up.add_(hi).contiguous(memory_format=out_memory_format(hi))
+    fmt = out_memory_format(hi)
+    up = empty_output(hi.shape, dtype=hi.dtype, device=hi.device, memory_format=fmt)
+    # F.interpolate's kernel into a huge-page buffer, then add_ there: no third full-size buffer.
+    torch.ops.aten.upsample_bilinear2d.out(lo.to(hi.dtype), list(hi.shape[2:]), False, None, None, out=up)
+    return up.add_(hi)
 
 
 @torch.library.custom_op("upernet_fast::topdown_add", mutates_args=())
@@ -391,7 +392,7 @@ def upsample_shift_add_torch(
     if out is not None and out.dtype == op and out.is_contiguous(memory_format=fmt):
         run(taps, out, accumulate=True)
         return out
-    result = torch.empty((B, C, H, W), device=taps.device, dtype=op, memory_format=fmt)
+    result = empty_output((B, C, H, W), device=taps.device, dtype=op, memory_format=fmt)
     run(taps, result, accumulate=False)
     if out is None:
         return result.to(taps.dtype)

@@ -45,6 +45,7 @@ from ._common import (
     tl,
     triton,
 )
+from ._memory import empty_output
 
 __all__ = [
     "resize_bilinear",
@@ -129,8 +130,10 @@ def resize_bilinear_triton(x: torch.Tensor, size: list[int]) -> torch.Tensor:
 
 def resize_bilinear_torch(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     H, W = _check(x, size)
-    y = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
-    return y.contiguous(memory_format=out_memory_format(x))
+    fmt = out_memory_format(x)
+    y = empty_output((x.shape[0], x.shape[1], H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
+    # F.interpolate's kernel writing into a huge-page buffer (same op and scales: size given, no scale).
+    return torch.ops.aten.upsample_bilinear2d.out(x, [H, W], False, None, None, out=y)
 
 
 def resize_argmax_triton(x: torch.Tensor, size: list[int]) -> torch.Tensor:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+from ._memory import empty_output
+
 _BT = [
     [4, 0, -5, 0, 1, 0],
     [0, -4, -4, 1, 1, 0],
@@ -37,6 +40,7 @@ _G = [
 ]
 _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
 
+NATIVE_TARGET_TILES = 256  # tiles per block with the C transforms
 TARGET_TILES = (
     256  # tiles per block (2 threads, 512 channels, ms at 128² / 64²): 128: 204/46, 256: 187/44, 512: 254/44
 )
@@ -76,7 +80,47 @@ def conv3x3_winograd(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
     """3x3 conv, padding 1, of NCHW `x` with filters `u` from `winograd_weight`; returns a channels-last
-    tensor (NCHW logical shape)."""
+    tensor (NCHW logical shape). Tile transforms in C (`native.py`) for CPU float32 when it built,
+    else in PyTorch."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and native.library() is not None:
+        return _conv3x3_winograd_native(x, u, bias, relu)
+    return _conv3x3_winograd_torch(x, u, bias, relu)
+
+
+def _conv3x3_winograd_native(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    lib = native.library()
+    batch, cin, h, w = x.shape
+    cout = u.shape[2]
+    th, tw = -(-h // 4), -(-w // 4)
+    xn = x.permute(0, 2, 3, 1)
+    if xn.stride(3) != 1:  # the C gather reads channel vectors
+        xn = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    u = u.contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    out = empty_output((batch, h, w, cout), dtype=x.dtype, device=x.device)
+    rows = max(1, min(th, NATIVE_TARGET_TILES // max(1, batch * tw)))
+    n_max = batch * rows * tw
+    threads = torch.get_num_threads()
+    transformed = empty_output((36, n_max, cin), dtype=x.dtype, device=x.device)
+    products = empty_output((36, n_max, cout), dtype=x.dtype, device=x.device)
+    for r0 in range(0, th, rows):
+        r = min(rows, th - r0)
+        n = batch * r * tw
+        v, m = transformed.view(-1)[: 36 * n * cin].view(36, n, cin), products.view(-1)[: 36 * n * cout]
+        lib.wino_f43_input(xn.data_ptr(), *xn.stride()[:3], h, w, cin, r0, r, tw, n, threads, v.data_ptr())
+        torch.bmm(v, u, out=m.view(36, n, cout))  # 36 GEMMs (tiles x Cin) @ (Cin x Cout)
+        lib.wino_f43_output(
+            m.data_ptr(), n, cout, r0, r, tw, threads, None if b is None else b.data_ptr(), int(relu),
+            out.data_ptr(), *out.stride()[:3], h, w,
+        )  # fmt: skip
+    return out.permute(0, 3, 1, 2)
+
+
+def _conv3x3_winograd_torch(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
     batch, cin, h, w = x.shape
     cout = u.shape[2]
     th, tw = -(-h // 4), -(-w // 4)
@@ -85,12 +129,18 @@ def conv3x3_winograd(
     aa = _kron(_AT, x.dtype, x.device)
     # Exactly (B, h, w, Cout): a padded buffer sliced to (h, w) would not be channels-last contiguous, and
     # every consumer (1x1 convs, the shift-add accumulation) would pay for that with copies.
-    out = torch.empty(batch, h, w, cout, dtype=x.dtype, device=x.device)
+    out = empty_output((batch, h, w, cout), dtype=x.dtype, device=x.device)
     rows = max(1, min(th, TARGET_TILES // max(1, batch * tw)))
     # Zero-padded input rows of one block of tile rows (1 above, up to 4 * tw + 1 - w right/below), reused
     # for every block: a whole padded copy of x would be one more full-size buffer (page faults, no reuse).
     slab = x.new_zeros(batch, 4 * rows + 2, 4 * tw + 2, cin)
     s_b, s_h, s_w, s_c = slab.stride()
+    # Block workspaces, reused by every block (fresh ones per block would page-fault each time): gathered
+    # tiles, later reused for the output transform; transformed tiles; their products with the filters.
+    n_max = batch * rows * tw
+    gathered = empty_output((max(36 * cin, 16 * cout) * n_max,), dtype=x.dtype, device=x.device)
+    transformed = empty_output((36 * n_max * cin,), dtype=x.dtype, device=x.device)
+    products = empty_output((36 * n_max * cout,), dtype=x.dtype, device=x.device)
     for r0 in range(0, th, rows):
         r = min(rows, th - r0)
         top = 4 * r0 - 1  # input row held by slab row 0
@@ -101,9 +151,13 @@ def conv3x3_winograd(
         # overlapping 6x6 tiles (stride 4) as a view: (6, 6, batch, r, tw, Cin)
         tiles = slab.as_strided((6, 6, batch, r, tw, cin), (s_h, s_w, s_b, 4 * s_h, 4 * s_w, s_c))
         n = batch * r * tw
-        v = (bb @ tiles.reshape(36, n * cin)).view(36, n, cin)
-        m = torch.bmm(v, u)  # 36 GEMMs (tiles x Cin) @ (Cin x Cout)
-        y = (aa @ m.view(36, n * cout)).view(4, 4, batch, r, tw, cout)
+        g = gathered[: 36 * n * cin].view(6, 6, batch, r, tw, cin)
+        g.copy_(tiles)
+        v = torch.mm(bb, g.view(36, n * cin), out=transformed[: 36 * n * cin].view(36, n * cin))
+        m = products[: 36 * n * cout].view(36, n, cout)
+        torch.bmm(v.view(36, n, cin), u, out=m)  # 36 GEMMs (tiles x Cin) @ (Cin x Cout)
+        y = torch.mm(aa, m.view(36, n * cout), out=gathered[: 16 * n * cout].view(16, n * cout))
+        y = y.view(4, 4, batch, r, tw, cout)
         dst = _scatter_tiles(y.permute(2, 3, 0, 4, 1, 5), out, 4 * r0)
         if bias is not None:
             dst.add_(bias)

@@ -347,3 +347,73 @@ def test_dispatch_traces_under_compile() -> None:
 
     torch._dynamo.reset()
     assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x), fn(x), 0.0, "dispatch under compile")
+
+
+# ------------------------------------------------------------------------------ large CPU output buffers
+def test_conv_bn_relu_1x1_gemm_path() -> None:
+    """Large 1x1 convs on channels-last input run as one MKL GEMM into a huge-page buffer (odd sizes)."""
+    from upernet_fast.kernels.conv_bn_relu import _gemm_1x1
+
+    x, w, b = cl(rand(1, 96, 67, 131)), rand(300, 96, 1, 1, seed=1), rand(300, seed=2)
+    assert _gemm_1x1(x, w), "this case must take the GEMM path"
+    assert not _gemm_1x1(x.contiguous(), w) and not _gemm_1x1(x, w[:150])
+    for bias in (b, None):
+        for relu in (False, True):
+            y = conv_bn_relu(x, w, bias, 0, relu)
+            plain = F.conv2d(x, w, bias)
+            ref64 = F.conv2d(x.double(), w.double(), None if bias is None else bias.double())
+            if relu:
+                plain, ref64 = F.relu(plain), F.relu(ref64)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert_rule(y, plain, ref64, f"1x1 GEMM path (bias={bias is not None}, relu={relu})")
+
+
+def _smaps_entry(t: torch.Tensor) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding the middle of ``t``'s storage (the advice splits
+    the mapping at the 2 MiB boundaries)."""
+    addr = t.untyped_storage().data_ptr() + t.untyped_storage().nbytes() // 2
+    fields: dict[str, str] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if not key.endswith(":"):  # a mapping's header line: "lo-hi perms ..."
+                if fields is not None:
+                    return fields
+                lo, hi = (int(v, 16) for v in key.split("-"))
+                fields = {} if lo <= addr < hi else None
+            elif fields is not None:
+                fields[key[:-1]] = value.strip()
+    assert fields is not None, "storage not found in /proc/self/smaps"
+    return fields
+
+
+def test_large_outputs_are_huge_page_backed() -> None:
+    """The ops' large CPU outputs are advised MADV_HUGEPAGE before first touch (kernels/_memory.py), so
+    writing fresh memory takes one fault per 2 MiB; the values are those of the plain ops."""
+    from upernet_fast.kernels import _memory
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if _memory._madvise is None or "[never]" in mode:
+        pytest.skip(f"huge pages unavailable here (THP mode: {mode.strip()})")
+    x = rand(1, 19, 48, 64)
+    y = resize_bilinear(x, (480, 640))  # 23 MB
+    assert torch.equal(y, F.interpolate(x, size=(480, 640), mode="bilinear", align_corners=False))
+    hi, lo = rand(1, 40, 300, 257, seed=1), rand(1, 40, 75, 65, seed=2)
+    up = topdown_add(hi, lo)
+    assert torch.equal(up, hi + F.interpolate(lo, size=(300, 257), mode="bilinear", align_corners=False))
+    for t in (y, up):  # advised ("hg"), whether the memory came fresh from mmap or back from the heap
+        assert "hg" in _smaps_entry(t)["VmFlags"].split()
+    # Above glibc's largest mmap threshold (32 MiB) the buffer is always a fresh mapping, so it gets huge
+    # pages (the kernel may fall back to small ones when it has no free 2 MiB block at hand: 3 tries).
+    entries = []
+    for _ in range(3):
+        big = _memory.empty_output((40 * 2**20 // 4,), dtype=torch.float32, device="cpu").fill_(1.0)
+        entries.append(_smaps_entry(big))
+        if int(entries[-1]["AnonHugePages"].split()[0]) >= 2048:
+            break
+    else:
+        raise AssertionError(f"no huge pages in a fresh advised 40 MiB buffer: {entries}")

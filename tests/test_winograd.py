@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upernet_fast.kernels.winograd import conv3x3_winograd, winograd_weight
+from upernet_fast.kernels import native
+from upernet_fast.kernels.winograd import (
+    _conv3x3_winograd_native,
+    _conv3x3_winograd_torch,
+    conv3x3_winograd,
+    winograd_weight,
+)
+
+# Both transform implementations: C (kernels/csrc, the default where it builds) and PyTorch (the fallback).
+PATHS = {"native": _conv3x3_winograd_native, "torch": _conv3x3_winograd_torch}
 
 
 @pytest.mark.parametrize(
@@ -21,10 +30,15 @@ from upernet_fast.kernels.winograd import conv3x3_winograd, winograd_weight
         (2, 33, 17, 29, 35),
         (1, 64, 64, 64, 48),
         (3, 8, 8, 5, 130),
+        (2, 130, 72, 9, 11),  # channel counts that are not multiples of the C code's 64-channel blocks
+        (1, 70, 90, 5, 4),
     ],
 )
 @pytest.mark.parametrize("relu", [False, True])
-def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu):
+@pytest.mark.parametrize("path", PATHS)
+def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu, path):
+    if path == "native" and native.library() is None:
+        pytest.fail("the native Winograd transforms did not build (see the RuntimeWarning)")
     g = torch.Generator().manual_seed(batch * 1000 + cin + h)
     x = torch.randn(batch, cin, h, w, generator=g)
     weight = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
@@ -33,7 +47,7 @@ def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu):
     direct = F.conv2d(x, weight, bias, padding=1)
     if relu:
         ref, direct = F.relu(ref), F.relu(direct)
-    out = conv3x3_winograd(x, winograd_weight(weight), bias, relu=relu)
+    out = PATHS[path](x, winograd_weight(weight), bias, relu)
     assert out.shape == ref.shape
     # a dense channels-last tensor even when h, w are not multiples of the 4x4 tile (edge tiles clipped)
     assert (
@@ -50,15 +64,37 @@ def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu):
     )
 
 
-def test_winograd_channels_last_and_noncontiguous_input():
+@pytest.mark.parametrize("path", PATHS)
+def test_winograd_channels_last_and_noncontiguous_input(path):
+    conv3x3_winograd = PATHS[path]
     x = torch.randn(1, 12, 20, 23).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, 12, 3, 3) / 10
     ref = F.conv2d(x.double(), weight.double(), padding=1)
     torch.testing.assert_close(
-        conv3x3_winograd(x, winograd_weight(weight)).double(), ref, rtol=0, atol=5e-5 * 5
+        conv3x3_winograd(x, winograd_weight(weight), None, False).double(), ref, rtol=0, atol=5e-5 * 5
     )
     xs = torch.randn(1, 12, 40, 23)[:, :, ::2]  # strided view
     ref = F.conv2d(xs.double(), weight.double(), padding=1)
     torch.testing.assert_close(
-        conv3x3_winograd(xs, winograd_weight(weight)).double(), ref, rtol=0, atol=5e-5 * 5
+        conv3x3_winograd(xs, winograd_weight(weight), None, False).double(), ref, rtol=0, atol=5e-5 * 5
     )
+
+
+def test_winograd_native_is_the_default_and_thread_count_independent():
+    """conv3x3_winograd takes the C transforms where they built; every tile is computed by one thread,
+    so the result is bitwise the same for 1 and 2 threads."""
+    if native.library() is None:
+        pytest.fail("the native Winograd transforms did not build (see the RuntimeWarning)")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, 37, 29, generator=g)
+    u = winograd_weight(torch.randn(80, 96, 3, 3, generator=g) / 30)
+    bias = torch.randn(80, generator=g)
+    out = conv3x3_winograd(x, u, bias, relu=True)
+    assert torch.equal(out, _conv3x3_winograd_native(x, u, bias, True))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _conv3x3_winograd_native(x, u, bias, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, single)

@@ -140,7 +140,7 @@ class UperNetHead(nn.Module):
         name = f"direct{direct.shape[1]}_{len(low)}"
         out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
         for feat, wt in zip(low, w_taps, strict=True):
-            out = ops.upsample_shift_add(F.conv2d(feat, wt), out.shape[2:], out=out)
+            out = ops.upsample_shift_add(ops.conv_bn_relu(feat, wt, None, 0, False), out.shape[2:], out=out)
         return F.relu_(out)
 
     def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:

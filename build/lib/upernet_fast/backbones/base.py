@@ -1,0 +1,56 @@
+"""What every native backbone provides, so the head and `load()` never look inside one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """Mirror of transformers' `BackboneOutput` (same fields, same meaning)."""
+
+    feature_maps: tuple[torch.Tensor, ...]
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def stage_selection(config: dict[str, Any], num_stages: int) -> list[str]:
+    """The `out_features` a transformers backbone config selects (`out_indices` if only that is given).
+
+    Defaults to the last stage, as transformers does."""
+    stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)]
+    out_features = config.get("out_features")
+    out_indices = config.get("out_indices")
+    if out_features is None and out_indices is not None:
+        out_features = [stage_names[i] for i in out_indices]
+    if out_features is None:
+        out_features = [stage_names[-1]]
+    unknown = [f for f in out_features if f not in stage_names]
+    if unknown:
+        raise ValueError(f"backbone out_features {unknown} are not stages of this backbone ({stage_names})")
+    return list(out_features)
+
+
+class Backbone(nn.Module):
+    """Base class. Subclasses set:
+
+    - `channels`: channel count of each returned feature map (transformers' `backbone.channels`);
+    - `reduction`: total stride of the deepest returned feature map (inputs smaller than this are refused);
+    and implement `forward(pixel_values, output_hidden_states=False, output_attentions=False) -> BackboneOutput`.
+
+    Parameter names below `backbone.` are exactly those of the checkpoint file transformers writes.
+    `remap_state_dict` turns alternative key layouts (e.g. transformers 5's in-memory Swin names) into ours.
+    """
+
+    channels: list[int]
+    reduction: int
+    num_channels: int = 3
+    optional_keys: tuple[str, ...] = ()  # may be absent from older checkpoints (kept, unused)
+
+    @staticmethod
+    def remap_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return state_dict

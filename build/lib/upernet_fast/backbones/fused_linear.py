@@ -1,0 +1,130 @@
+"""Inference Linear layers for the backbones: oneDNN or MKL, whichever measured faster for the shape.
+
+On CPU float32, `torch.ops.mkldnn._linear_pointwise` with a weight reordered once into oneDNN's blocked
+layout, the activation fused as a post-op, wins for narrow layers; the MKL sgemm behind `F.linear` (then
+a separate GELU) wins once both dimensions reach 192. Swin-T shapes at 512x683, 2 threads, GFLOP/s
+oneDNN / MKL (row chunks of 1024 for the MLP, as `mlp_rows_` runs it):
+
+    tokens x C     qkv        proj       fc1+GELU   fc2
+    21888 x 96     157 / 164  169 / 127  116 / 115  153 / 142
+    5472 x 192     148 / 171  184 / 177   96 / 107  172 / 169
+    1368 x 384     159 / 178  160 / 182  107 / 125  153 / 163
+    352 x 768      144 / 144  138 / 150  104 / 147  154 / 172
+
+(oneDNN's erf-GELU post-op is what makes fc1 slow from C = 192 on.) `ONEDNN_MAX_NARROW` is that rule.
+Elsewhere (other devices/dtypes, builds without oneDNN, under torch.compile) it is `F.linear`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..folding import cached
+
+_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: Swin-T stage 1 MLP 49 ms vs 71 ms unchunked; flat at 256-4096
+ONEDNN_MAX_NARROW = 192  # oneDNN when min(in_features, out_features) is below this, else MKL (table above)
+_PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..21888 rows)
+# hidden_act -> oneDNN post-op (attr, algorithm) fused into `intermediate.dense`.
+FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Eager CPU float32 with oneDNN. Under torch.compile the plain ops are traced instead: Inductor fuses
+    those itself, and dynamo refuses to trace `torch.backends.mkldnn.is_available`."""
+    return (
+        _LINEAR_POINTWISE is not None
+        and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+class LinearWeights:
+    """Inference weights of one Linear: plain `weight`/`bias` and, on CPU fp32, a oneDNN-packed copy of the
+    weight (an opaque tensor: no storage, so it cannot be deep-copied or pickled; both drop it, and the
+    `folding.cached` key, which holds the source pointers, makes the copy rebuild it on first use)."""
+
+    __slots__ = ("weight", "bias", "packed", "onednn")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+        self.onednn = min(weight.shape) < ONEDNN_MAX_NARROW
+        if pack and self.onednn and _REORDER_LINEAR_WEIGHT is not None and use_onednn(weight):
+            try:
+                self.packed = _REORDER_LINEAR_WEIGHT(weight.detach(), _PACK_BATCH_HINT)
+            except RuntimeError:  # no packing on this build/CPU: the plain weight works too
+                self.packed = None
+
+    def __deepcopy__(self, memo: dict) -> LinearWeights:
+        return LinearWeights(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo), pack=False)
+
+    def __reduce__(self):
+        return (LinearWeights, (self.weight, self.bias, False))
+
+
+def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
+    """`F.linear` (+ activation): oneDNN's inner product with the packed weight and fused activation for
+    narrow layers on CPU fp32, MKL otherwise (see the module docstring)."""
+    if lw.onednn and use_onednn(x):
+        attr, algo = act if act is not None else ("none", "")
+        weight = lw.packed if lw.packed is not None else lw.weight
+        return _LINEAR_POINTWISE(x, weight, lw.bias, attr, [], algo)
+    y = F.linear(x, lw.weight, lw.bias)
+    if act is None:
+        return y
+    return F.relu(y) if act[0] == "relu" else F.gelu(y, approximate=act[1])
+
+
+def plain_weights(owner: nn.Module, name: str, linear: nn.Linear) -> LinearWeights:
+    return cached(
+        owner, name, [linear.weight, linear.bias], lambda: LinearWeights(linear.weight, linear.bias)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_affine(c: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(c, dtype=dtype, device=device), torch.zeros(c, dtype=dtype, device=device)
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Affine-free LayerNorm over the last dim. Passes an explicit unit affine (exact: ×1, +0) because
+    PyTorch's CPU kernel without weight/bias is ~40% slower (2.8 vs 1.9 ms on 21888x96)."""
+    weight, bias = _unit_affine(x.shape[-1], x.dtype, x.device)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def mlp_rows_(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    fc1: LinearWeights,
+    fc2: LinearWeights,
+    eps: float,
+    fused_act: tuple[str, str] | None,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    residual: torch.Tensor | None = None,
+) -> None:
+    """In place, rows (T, C): ``out = (residual if given else out) + fc2(act(fc1(layernorm(inp))))``, with an
+    affine-free LayerNorm (its affine is folded into ``fc1``). Runs in row chunks on CPU so the 4C hidden
+    stays in cache; ``out`` may be ``inp`` (each chunk is read before it is written)."""
+    t = inp.shape[0]
+    step = MLP_CHUNK_ROWS if inp.device.type == "cpu" else t
+    for start in range(0, t, step):
+        rows = slice(start, start + step)
+        hidden = linear(normalize(inp[rows], eps), fc1, fused_act)
+        if fused_act is None:
+            hidden = act(hidden)
+        y = linear(hidden, fc2)
+        if residual is None:
+            out[rows] += y
+        else:
+            torch.add(residual[rows], y, out=out[rows])

@@ -1,0 +1,218 @@
+"""The one place that decides which implementation of each fused op runs: Triton or PyTorch.
+
+Backends: ``"auto"`` (Triton for CUDA tensors when triton imports, PyTorch otherwise), ``"triton"`` (always
+Triton; on CPU tensors only under the Triton interpreter, ``TRITON_INTERPRET=1`` set before import) and
+``"torch"`` (the PyTorch paths). ``None`` means the environment variable ``UPERNET_FAST_BACKEND``, or
+``"auto"`` when it is unset.
+
+Per-op choice, strongest first:
+  1. an active ``override(...)`` context (for benchmarks: ``with dispatch.override(conv_bn_relu="torch")``),
+  2. the ``overrides`` mapping given to ``ops_for``,
+  3. the model-wide ``backend``.
+
+Winograd (CPU, beyond exact): the PyTorch path of ``conv_bn_relu`` can compute the head's large 3x3 convs
+by Winograd F(4x4, 3x3) (``kernels/winograd.py``: ~2x faster than oneDNN on AVX2, error ~1e-5 relative).
+``use_winograd`` is the one rule for when; ``UPERNET_FAST_WINOGRAD=0`` (or ``load(..., winograd=False)``)
+keeps every conv exact.
+
+Typical use in the model layer::
+
+    ops = dispatch.ops_for(backend, device)   # cheap; resolves lazily on each access
+    y = ops.conv_bn_relu(x, w, b, padding=1, relu=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
+
+import torch
+
+from . import kernels
+
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "ENV_VAR",
+    "OPS",
+    "Ops",
+    "default_backend",
+    "get_op",
+    "ops_for",
+    "override",
+    "resolve_backend",
+    "use_winograd",
+    "winograd_default",
+]
+
+ENV_VAR = "UPERNET_FAST_BACKEND"
+WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
+# (min channels, min map side) where Winograd F(4x4,3x3) measured faster than oneDNN's direct 3x3 conv
+# (+ bias + ReLU), channels-last, 2 threads, AVX2, ms oneDNN / Winograd:
+#   128 ch: 8² 0.24/0.29, 16² 0.53/0.50, 32² 1.66/1.20;  256 ch: 8² 0.77/0.56, 16² 1.99/1.08, 32² 6.53/3.19;
+#   512 ch: 8² 3.84/2.62, 16² 8.76/4.53, 32² 27.6/11.0, 128² ~430/~190.
+WINOGRAD_WINS = ((256, 8), (128, 16))
+BACKENDS = ("auto", "triton", "torch")
+OPS: dict[str, Callable] = {
+    "conv_bn_relu": kernels.conv_bn_relu,
+    "adaptive_pool_multi": kernels.adaptive_pool_multi,
+    "topdown_add": kernels.topdown_add,
+    "upsample_shift_add": kernels.upsample_shift_add,
+    "resize_bilinear": kernels.resize_bilinear,
+    "resize_argmax": kernels.resize_argmax,
+}
+
+Concrete = Literal["triton", "torch"]
+# Active `override` blocks (process-wide). A plain dict, not a ContextVar: torch.compile (dynamo) traces
+# dict lookups and guards on them, but cannot trace ContextVar.get.
+_overrides: dict[str, str] = {}
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of ``BACKENDS``, else a ``ValueError`` naming the choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+    return backend
+
+
+def _check_op(name: str) -> str:
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; valid choices: {', '.join(OPS)}")
+    return name
+
+
+def default_backend() -> str:
+    """``UPERNET_FAST_BACKEND`` if set (validated), else ``"auto"``."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; valid choices: {', '.join(BACKENDS)}")
+    return value
+
+
+def winograd_default() -> bool:
+    """``UPERNET_FAST_WINOGRAD`` if set (``0``/``false``/``off`` disable), else enabled."""
+    value = os.environ.get(WINOGRAD_ENV_VAR, "").strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{WINOGRAD_ENV_VAR}={value!r} is not a switch; use 1 or 0")
+
+
+def use_winograd(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
+    """Whether a stride-1 conv of ``x`` with ``weight`` should run as Winograd F(4x4, 3x3): only on the
+    PyTorch path, on CPU float32, for 3x3 kernels with padding 1 and sizes where it measured faster."""
+    c_out, c_in, kh, kw = weight.shape
+    return (
+        ops.winograd
+        and (kh, kw, padding) == (3, 3, 1)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and any(min(c_in, c_out) >= c and min(x.shape[2:]) >= side for c, side in WINOGRAD_WINS)
+        and ops.backend_of("conv_bn_relu") == "torch"
+    )
+
+
+def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:
+    """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device`` (default CPU).
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when Triton is forced where it cannot run."""
+    backend = default_backend() if backend is None else check_backend(str(backend).lower())
+    dev = torch.device("cpu" if device is None else device)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if dev.type == "cuda" and kernels.HAS_TRITON else "torch"
+    if not kernels.HAS_TRITON:
+        raise RuntimeError("backend 'triton' requested but the `triton` package cannot be imported")
+    if dev.type == "cuda":
+        return "triton"
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before importing upernet_fast (or use backend='torch' / 'auto')"
+            )
+        return "triton"
+    raise RuntimeError(f"backend 'triton' cannot run on device {dev.type!r}; use 'torch' or 'auto'")
+
+
+def get_op(name: str, backend: str | None, device: torch.device | str | None = None) -> Callable:
+    """``OPS[name]`` bound to the resolved backend (``backend`` may be ``"auto"``/``None``, see
+    ``resolve_backend``; an active ``override`` for this op wins)."""
+    _check_op(name)
+    chosen = _overrides.get(name, backend)
+    return functools.partial(OPS[name], backend=resolve_backend(chosen, device))
+
+
+@contextlib.contextmanager
+def override(mapping: Mapping[str, str] | None = None, /, **per_op: str) -> Iterator[None]:
+    """Force backends per op inside a ``with`` block, e.g. ``override(conv_bn_relu="torch")`` or
+    ``override({"resize_argmax": "triton"})``. Nested blocks stack; names and backends are validated.
+    Process-wide (meant for benchmarks and tests), not per thread."""
+    new = dict(mapping or {}, **per_op)
+    for name, backend in new.items():
+        _check_op(name)
+        check_backend(backend)
+    saved = dict(_overrides)
+    _overrides.update(new)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+class Ops:
+    """Namespace of the fused ops bound to one device and backend choice: ``ops.conv_bn_relu(...)``.
+
+    Resolution happens on attribute access, so an ``override`` block entered later still applies."""
+
+    def __init__(
+        self,
+        backend: str | None,
+        device: torch.device | str | None,
+        overrides: Mapping[str, str] | None = None,
+        winograd: bool | None = None,
+    ) -> None:
+        self.backend = default_backend() if backend is None else check_backend(backend)
+        self.device = torch.device("cpu" if device is None else device)
+        self.winograd = winograd_default() if winograd is None else bool(winograd)
+        self.overrides = dict(overrides or {})
+        for name, choice in self.overrides.items():
+            _check_op(name)
+            check_backend(choice)
+        resolve_backend(self.backend, self.device)  # fail early (e.g. triton on CPU without interpreter)
+
+    def backend_of(self, name: str) -> Concrete:
+        """The concrete backend op ``name`` runs with right now."""
+        _check_op(name)
+        chosen = _overrides.get(name) or self.overrides.get(name) or self.backend
+        return resolve_backend(chosen, self.device)
+
+    def __getattr__(self, name: str) -> Callable:
+        if name not in OPS:
+            raise AttributeError(f"{type(self).__name__} has no op {name!r}; valid ops: {', '.join(OPS)}")
+        return functools.partial(OPS[name], backend=self.backend_of(name))
+
+    def __repr__(self) -> str:
+        return (
+            f"Ops(backend={self.backend!r}, device={str(self.device)!r}, overrides={self.overrides}, "
+            f"winograd={self.winograd})"
+        )
+
+
+def ops_for(
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    overrides: Mapping[str, str] | None = None,
+    winograd: bool | None = None,
+) -> Ops:
+    """The ops for tensors on ``device`` (see ``Ops``); ``backend=None`` reads ``UPERNET_FAST_BACKEND``,
+    ``winograd=None`` reads ``UPERNET_FAST_WINOGRAD``."""
+    return Ops(backend, device, overrides, winograd)

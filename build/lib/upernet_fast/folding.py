@@ -1,0 +1,53 @@
+"""Inference-time weights derived from parameters (BatchNorm folded into convs, LayerNorm affine and
+layer scale folded into Linear layers), cached and rebuilt whenever a source tensor changes.
+
+The module keeps the checkpoint's own parameters, so `state_dict()` stays exactly the transformers layout;
+the folded copies live beside them. The cache key is each source's storage pointer and in-place version
+counter, so `load_state_dict`, `.to()`, `.half()` and in-place edits all invalidate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def _key(sources: Sequence[torch.Tensor | None]) -> tuple:
+    return tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources
+    )
+
+
+def cached(owner: object, name: str, sources: Sequence[torch.Tensor | None], build: Callable[[], T]) -> T:
+    """Return `build()`, memoised on `owner` under `name` until any of `sources` changes."""
+    slot = f"_folded_{name}"
+    entry = owner.__dict__.get(slot)
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph the eager cache is a constant; building here would trace the fold.
+        return entry[1] if entry is not None else build()
+    key = _key(sources)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            value = build()
+        owner.__dict__[slot] = (key, value)
+        return value
+    return entry[1]
+
+
+def fold_batchnorm(
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    bn: torch.nn.BatchNorm2d,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv → BN(eval) as one conv: W' = W·γ/σ, b' = (b − μ)·γ/σ + β, computed in float64 then cast back."""
+    dtype = conv_weight.dtype
+    w = conv_weight.detach().double()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    bias = conv_bias.detach().double() if conv_bias is not None else torch.zeros_like(scale)
+    w_folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b_folded = (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
+    return w_folded.to(dtype).contiguous(), b_folded.to(dtype).contiguous()

@@ -1,0 +1,197 @@
+"""UPerNet decode head and auxiliary FCN head: transformers' modules and parameter names, fast forward.
+
+Reference semantics (transformers `UperNetHead`): laterals (1x1 conv-BN-ReLU) on levels 0..N-2; a
+pyramid-pooling module on level N-1 whose branches are upsampled, concatenated with the input and fused by
+a 3x3 `bottleneck`; a top-down path `lat[i-1] += up(lat[i])`; 3x3 `fpn_convs` on levels 0..N-2; every
+level upsampled to level 0, concatenated, fused by the 3x3 `fpn_bottleneck`; a 1x1 `classifier`.
+
+Exact rewrite used here (DESIGN.md §4): a 3x3 zero-padded conv over a bilinearly upsampled input equals
+the sum over the nine taps of shift(upsample(W_tap · x)). So the upsampled groups of `fpn_bottleneck`'s
+and `bottleneck`'s inputs are channel-mixed at their own low resolution and never materialised at high
+resolution, and the concatenations disappear (the conv weight is split per input group instead).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dispatch
+from .config import UperNetConfig
+from .folding import cached, fold_batchnorm
+from .kernels import conv3x3_taps_weight
+from .kernels.winograd import winograd_weight
+
+
+def _conv(
+    owner: nn.Module,
+    name: str,
+    sources: list[torch.Tensor],
+    ops: dispatch.Ops,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+) -> torch.Tensor:
+    """`ops.conv_bn_relu` with the Winograd weight (cached on `owner` under `name`) when dispatch says so."""
+    wino = None
+    if dispatch.use_winograd(ops, x, weight, padding):
+        wino = cached(owner, f"winograd_{name}", sources, lambda: winograd_weight(weight))
+    return ops.conv_bn_relu(x, weight, bias, padding, relu, wino)
+
+
+def _default_ops(x: torch.Tensor, ops: dispatch.Ops | None) -> dispatch.Ops:
+    return dispatch.ops_for(None, x.device) if ops is None else ops
+
+
+class UperNetConvModule(nn.Module):
+    """Conv2d(bias=False) → BatchNorm2d → ReLU; evaluated as one conv with the BN folded in."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=padding, bias=False, dilation=dilation
+        )
+        self.batch_norm = nn.BatchNorm2d(out_channels)
+        self.activation = nn.ReLU()
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        """The parameters and buffers every folded weight of this module derives from."""
+        bn = self.batch_norm
+        return [self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cached(
+            self, "bn", self.sources, lambda: fold_batchnorm(self.conv.weight, None, self.batch_norm)
+        )
+
+    def forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
+        w, b = self.folded()
+        c = self.conv
+        if c.dilation != (1, 1) or c.kernel_size[0] not in (1, 3) or c.padding[0] != c.padding[1]:
+            return F.relu(F.conv2d(x, w, b, padding=c.padding, dilation=c.dilation))
+        return _conv(self, "full", self.sources, _default_ops(x, ops), x, w, b, c.padding[0], True)
+
+
+class UperNetPyramidPoolingBlock(nn.Module):
+    """Holds the branch conv under transformers' name `psp_modules.{i}.1` (index 0 was the pooling)."""
+
+    def __init__(self, pool_scale: int, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.pool_scale = pool_scale
+        self.add_module("1", UperNetConvModule(in_channels, channels, kernel_size=1))
+
+    @property
+    def conv_module(self) -> UperNetConvModule:
+        return getattr(self, "1")
+
+
+class UperNetHead(nn.Module):
+    def __init__(self, config: UperNetConfig, in_channels: list[int]) -> None:
+        super().__init__()
+        self.pool_scales = list(config.pool_scales)
+        self.in_channels = list(in_channels)
+        self.channels = config.hidden_size
+        self.classifier = nn.Conv2d(self.channels, config.num_labels, kernel_size=1)
+        self.psp_modules = nn.ModuleList(
+            UperNetPyramidPoolingBlock(s, self.in_channels[-1], self.channels) for s in self.pool_scales
+        )
+        self.bottleneck = UperNetConvModule(
+            self.in_channels[-1] + len(self.pool_scales) * self.channels, self.channels, 3, padding=1
+        )
+        self.lateral_convs = nn.ModuleList(
+            UperNetConvModule(c, self.channels, 1) for c in self.in_channels[:-1]
+        )
+        self.fpn_convs = nn.ModuleList(
+            UperNetConvModule(self.channels, self.channels, 3, padding=1) for _ in self.in_channels[:-1]
+        )
+        self.fpn_bottleneck = UperNetConvModule(
+            len(self.in_channels) * self.channels, self.channels, 3, padding=1
+        )
+
+    def _split_bottleneck(self, module: UperNetConvModule, first: int, n_low: int) -> tuple:
+        """Folded weight of a 3x3 bottleneck split into the directly convolved first group and the tap
+        weights of `n_low` upsampled groups of `self.channels` each."""
+
+        def build() -> tuple:
+            w, b = module.folded()
+            bounds = [first + i * self.channels for i in range(n_low + 1)]
+            taps = [conv3x3_taps_weight(w[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            return w[:, :first].contiguous(), b, taps
+
+        return cached(module, f"split{first}_{n_low}", module.sources, build)
+
+    def _fused_bottleneck(
+        self,
+        module: UperNetConvModule,
+        direct: torch.Tensor,
+        low: list[torch.Tensor],
+        ops: dispatch.Ops,
+    ) -> torch.Tensor:
+        """`module(cat([direct, *(upsample(t) for t in low)]))` without the upsampled concat: the direct
+        group is convolved at full size, each low-resolution group is mixed into its nine taps at its own
+        size and upsample-shift-added into the same buffer (DESIGN.md §4)."""
+        w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
+        name = f"direct{direct.shape[1]}_{len(low)}"
+        out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
+        for feat, wt in zip(low, w_taps, strict=True):
+            out = ops.upsample_shift_add(ops.conv_bn_relu(feat, wt, None, 0, False), out.shape[2:], out=out)
+        return F.relu_(out)
+
+    def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
+        ops = _default_ops(x, ops)
+        pooled = ops.adaptive_pool_multi(x, self.pool_scales)
+        branches = [block.conv_module(p, ops) for block, p in zip(self.psp_modules, pooled, strict=True)]
+        return self._fused_bottleneck(self.bottleneck, x, branches, ops)
+
+    def forward(
+        self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
+    ) -> torch.Tensor:
+        ops = _default_ops(encoder_hidden_states[0], ops)
+        laterals = [conv(encoder_hidden_states[i], ops) for i, conv in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(encoder_hidden_states[-1], ops))
+        n = len(laterals)
+        for i in range(n - 1, 0, -1):
+            laterals[i - 1] = ops.topdown_add(laterals[i - 1], laterals[i])
+        fpn_outs = [self.fpn_convs[i](laterals[i], ops) for i in range(n - 1)]
+        fused = self._fused_bottleneck(self.fpn_bottleneck, fpn_outs[0], [*fpn_outs[1:], laterals[-1]], ops)
+        return self.classifier(fused)
+
+
+class UperNetFCNHead(nn.Module):
+    """Auxiliary FCN head; only run when labels are given (its output only feeds the loss)."""
+
+    def __init__(self, config: UperNetConfig, in_channels: list[int], in_index: int = 2) -> None:
+        super().__init__()
+        self.in_index = in_index
+        self.in_channels = (
+            in_channels[in_index] if config.auxiliary_in_channels is None else config.auxiliary_in_channels
+        )
+        self.channels = config.auxiliary_channels
+        self.concat_input = config.auxiliary_concat_input
+        n = config.auxiliary_num_convs
+        convs = [
+            UperNetConvModule(self.in_channels if i == 0 else self.channels, self.channels, 3, padding=1)
+            for i in range(n)
+        ]
+        self.convs = nn.Sequential(*convs) if n > 0 else nn.Identity()
+        if self.concat_input:
+            self.conv_cat = UperNetConvModule(self.in_channels + self.channels, self.channels, 3, padding=1)
+        self.classifier = nn.Conv2d(self.channels, config.num_labels, kernel_size=1)
+
+    def forward(
+        self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
+    ) -> torch.Tensor:
+        x = encoder_hidden_states[self.in_index]
+        ops = _default_ops(x, ops)
+        out = x
+        for conv in self.convs if isinstance(self.convs, nn.Sequential) else ():
+            out = conv(out, ops)
+        if self.concat_input:
+            out = self.conv_cat(torch.cat([x, out], dim=1), ops)
+        return self.classifier(out)

@@ -1,0 +1,300 @@
+"""Inference pipeline: images in, int64 label maps at each image's original size out.
+
+- `Segmenter`: preprocessing (hub image processor), whole-image or mmseg sliding-window inference, optional
+  flip / multi-scale test-time augmentation, batching of same-size images, labels at the original size.
+- `slide_inference`: mmseg's `EncoderDecoder.slide_inference`, window for window.
+- `labels_at_size`: bilinear resize + argmax in row blocks, so full-resolution logits never exist.
+
+Works with any module whose `forward(pixel_values=...)` returns an object with `.logits` (B, C, H, W) at the
+input size (or a tuple whose first item is the logits): `upernet_fast.load(...)` models and transformers'
+`UperNetForSemanticSegmentation` alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import dispatch, preprocess
+from .preprocess import ImageInput
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
+
+
+def default_model_path() -> Path:
+    """Directory of the small embedded model (HF format: config.json + model.safetensors)."""
+    return EMBEDDED_MODEL_DIR
+
+
+def load_model(
+    source: str | os.PathLike | nn.Module | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+    winograd: bool | None = None,
+) -> nn.Module:
+    """A `FastUperNet` from a HF-format directory / hub id (None = the embedded model), in eval mode; a
+    module (e.g. a transformers UperNet) is used as it is."""
+    if isinstance(source, nn.Module):
+        return source.eval()
+    from .checkpoint import load
+
+    source = str(default_model_path() if source is None else source)
+    return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype if param.dtype.is_floating_point else torch.float32
+
+
+def forward_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's logits (B, C, H, W) as float32, whatever its device, dtype and output type."""
+    device, dtype = _device_dtype(model)
+    out = model(pixel_values=pixel_values.to(device=device, dtype=dtype))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()
+
+
+def slide_windows(
+    height: int, width: int, crop_size: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """mmseg's windows (y1, y2, x1, x2): `max(H - crop + stride - 1, 0) // stride + 1` per axis, the last one
+    shifted back inside the image. Every window is min(crop, H) x min(crop, W)."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, height)
+            x2 = min(w_idx * w_stride + w_crop, width)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+@torch.inference_mode()
+def slide_inference(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    crop_size: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    num_classes: int | None = None,
+    batch_size: int = 1,
+) -> torch.Tensor:
+    """mmseg's sliding-window inference: logits (B, C, H, W), summed over windows / per-pixel window count.
+
+    Windows all have the same size, so up to `batch_size` crops (windows x images) go through one forward.
+    The accumulator lives at the input resolution (the processed image), in float32."""
+    batch, _, height, width = pixel_values.shape
+    windows = slide_windows(height, width, tuple(crop_size), tuple(stride))
+    per_call = max(1, batch_size // batch)
+    preds: torch.Tensor | None = None
+    count = torch.zeros((1, 1, height, width), dtype=torch.float32)
+    for start in range(0, len(windows), per_call):
+        chunk = windows[start : start + per_call]
+        crops = torch.cat([pixel_values[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = forward_logits(model, crops)
+        if preds is None:
+            channels = logits.shape[1]
+            if num_classes is not None and num_classes != channels:
+                raise ValueError(f"model returns {channels} classes, num_classes={num_classes}")
+            preds = torch.zeros((batch, channels, height, width), dtype=torch.float32, device=logits.device)
+            count = count.to(logits.device)
+        for k, (y1, y2, x1, x2) in enumerate(chunk):
+            preds[:, :, y1:y2, x1:x2] += logits[k * batch : (k + 1) * batch]
+            count[:, :, y1:y2, x1:x2] += 1
+    return preds.div_(count)
+
+
+@torch.inference_mode()
+def labels_at_size(logits: torch.Tensor, size: tuple[int, int], backend: str | None = None) -> torch.Tensor:
+    """argmax over classes of `logits` (C, H, W) or (B, C, H, W) resized bilinearly (align_corners=False) to
+    `size` = (height, width): int64 (H', W') or (B, H', W').
+
+    The fused `resize_argmax` op (through `dispatch`, so the Triton kernel on CUDA): the same labels as
+    `F.interpolate(logits, size, mode="bilinear").argmax(1)` in bounded memory, never the full-size
+    C-channel tensor. (It replaced a boundary-pixel shortcut that was slower: 150 x 128² -> 512², 2 threads,
+    44 vs 185 ms; to 3000x4000, 4.3 vs 4.6 s; identical labels.)"""
+    x = logits[None] if logits.dim() == 3 else logits
+    labels = dispatch.get_op("resize_argmax", backend, x.device)(x, [int(size[0]), int(size[1])])
+    return labels[0] if logits.dim() == 3 else labels
+
+
+class Segmenter:
+    """Semantic segmentation of images: `segmenter(image) -> np.ndarray` (H, W) int64 class indices at the
+    image's original size; a list in gives a list out.
+
+    Images: PIL images, HxW / HxWx3 / HxWx4 uint8 arrays, or file paths (grayscale and RGBA become RGB).
+
+    Resolution the network sees ("processed size"):
+    - `keep_ratio_short_side=N`: keep-ratio resize so the short side is N (long side capped at
+      `max_long_side` if given), as mmseg's `Resize(scale=(2048, 512), keep_ratio=True)`;
+    - otherwise, in `mode="whole"`: `size` (default 512x512, the hub image processor); `size=None` = as is;
+    - otherwise, in `mode="slide"`: short side `min(crop_size)`, long side at most 4x that (mmseg's ADE20K
+      test pipeline: scale (2048, 512) with 512 crops).
+    Slide mode accumulates logits at the processed size; only `labels_at_size` goes to the original size.
+
+    TTA: `flip=True` adds the horizontally flipped image, `scales=[0.75, 1.0, 1.25]` resizes the processed
+    size by each factor; with TTA the softmax probabilities (resized to the processed size) are averaged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        size: tuple[int, int] | None = (512, 512),
+        keep_ratio_short_side: int | None = None,
+        max_long_side: int | None = None,
+        mode: str = "whole",
+        crop_size: tuple[int, int] = (512, 512),
+        stride: tuple[int, int] = (341, 341),
+        flip: bool = False,
+        scales: Sequence[float] | None = None,
+        batch_size: int = 4,
+        mean: Sequence[float] = preprocess.IMAGENET_MEAN,
+        std: Sequence[float] = preprocess.IMAGENET_STD,
+    ) -> None:
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        self.model = model.eval()
+        self.mode = mode
+        self.size = tuple(size) if size is not None else None
+        self.crop_size, self.stride = tuple(crop_size), tuple(stride)
+        if mode == "slide" and not keep_ratio_short_side:
+            keep_ratio_short_side = min(self.crop_size)
+            max_long_side = max_long_side or 4 * keep_ratio_short_side
+        self.keep_ratio_short_side, self.max_long_side = keep_ratio_short_side, max_long_side
+        self.flip = flip
+        self.scales = [float(s) for s in scales] if scales else [1.0]
+        self.batch_size = max(1, int(batch_size))
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        winograd: bool | None = None,
+        **kwargs,
+    ) -> Segmenter:
+        """Load a model (None = the embedded one) and take its preprocessing from `preprocessor_config.json`
+        when the directory has one (input size; in slide mode the crop is that size, stride 2/3 of it)."""
+        model = load_model(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
+        local = Path(str(default_model_path() if source is None else source))
+        config = preprocess.read_processor_config(local) if local.is_dir() else None
+        if config:
+            for key in ("size", "mean", "std"):
+                if key in config:
+                    kwargs.setdefault(key, config[key])
+            if config.get("size") and "crop_size" not in kwargs:
+                kwargs["crop_size"] = config["size"]
+                kwargs.setdefault("stride", tuple(s * 2 // 3 for s in config["size"]))
+        return cls(model, **kwargs)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        config = getattr(self.model, "config", None)
+        labels = getattr(config, "id2label", None) or {}
+        return {int(k): str(v) for k, v in labels.items()}
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        return preprocess.processed_size(
+            height,
+            width,
+            size=self.size,
+            keep_ratio_short_side=self.keep_ratio_short_side,
+            max_long_side=self.max_long_side,
+        )
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray | list[np.ndarray]:
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results: list[np.ndarray] = []
+        for start in range(0, len(items), self.batch_size):  # bounded memory for long lists
+            loaded = [preprocess.load_image(x) for x in items[start : start + self.batch_size]]
+            results.extend(label.numpy() for label in self.predict_labels(loaded))
+        return results[0] if single else results
+
+    def predict_labels(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """int64 label maps at each (RGB PIL) image's size; images of the same processed size share batches."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.processed_size(image.height, image.width), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for proc, indices in groups.items():
+            for s in range(0, len(indices), self.batch_size):
+                chunk = indices[s : s + self.batch_size]
+                scores = self.predict_scores([images[i] for i in chunk], proc)
+                for k, i in enumerate(chunk):
+                    size = (images[i].height, images[i].width)
+                    out[i] = labels_at_size(scores[k], size, getattr(self.model, "backend", None)).cpu()
+        return out
+
+    @torch.inference_mode()
+    def predict_scores(self, images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        """(B, C, h, w) at the processed `size`: raw logits, or averaged softmax probabilities under TTA."""
+        tta = len(self.scales) > 1 or self.flip
+        total: torch.Tensor | None = None
+        runs = 0
+        for scale in self.scales:
+            scaled = size if scale == 1.0 else (int(size[0] * scale + 0.5), int(size[1] * scale + 0.5))
+            pixel_values = torch.stack(
+                [preprocess.normalize(preprocess.resize(im, scaled), self.mean, self.std) for im in images]
+            )
+            for flipped in (False, True) if self.flip else (False,):
+                scores = self._infer(pixel_values.flip(-1) if flipped else pixel_values)
+                scores = scores.flip(-1) if flipped else scores
+                if tta:
+                    if scores.shape[-2:] != size:
+                        scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+                    scores = scores.softmax(1)
+                total = scores if total is None else total.add_(scores)
+                runs += 1
+        return total.div_(runs) if tta else total
+
+    def _infer(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.mode == "slide":
+            return slide_inference(
+                self.model, pixel_values, self.crop_size, self.stride, batch_size=self.batch_size
+            )
+        return torch.cat(
+            [
+                forward_logits(self.model, pixel_values[i : i + self.batch_size])
+                for i in range(0, len(pixel_values), self.batch_size)
+            ]
+        )
+
+
+def segment(
+    images: ImageInput | Sequence[ImageInput], model: str | os.PathLike | nn.Module | None = None, **kwargs
+) -> np.ndarray | list[np.ndarray]:
+    """One-call convenience: `Segmenter.from_pretrained(model, **kwargs)(images)`."""
+    if isinstance(model, nn.Module):
+        return Segmenter(model, **kwargs)(images)
+    return Segmenter.from_pretrained(model, **kwargs)(images)
+
+
+__all__ = [
+    "Segmenter",
+    "default_model_path",
+    "forward_logits",
+    "labels_at_size",
+    "load_model",
+    "segment",
+    "slide_inference",
+    "slide_windows",
+]

@@ -1,0 +1,128 @@
+"""Shared pieces of the kernel files: the optional Triton import, launch checks, and the bilinear
+source-index rule that every resize in this package must reproduce bit for bit.
+
+PyTorch's bilinear resize (``align_corners=False``, ``antialias=False``, output size given) maps output
+index ``d`` to ``src = max(scale * (d + 0.5) - 0.5, 0)`` with ``scale = in / out`` computed in the op-math
+type (float32 for float16/float32, float64 for float64), then ``i0 = min(floor(src), in - 1)``,
+``i1 = i0 + (i0 < in - 1)``, ``l1 = clamp(src - i0, 0, 1)``, ``l0 = 1 - l1`` (ATen ``UpSample.h``), and
+evaluates ``l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] + l1w * x[i1, j1])``.
+"""
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the PyTorch paths must keep working without triton
+    from types import SimpleNamespace
+
+    HAS_TRITON = False
+    # Just enough for the `@triton.jit` definitions below and in the op files to be importable.
+    triton = SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f), cdiv=None)
+    tl = SimpleNamespace(constexpr=int)
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set: Triton then runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels_interpreted() -> bool:
+    """True when this package's kernels were built for the interpreter. Triton decides at decoration
+    time, so TRITON_INTERPRET must be set before ``upernet_fast.kernels`` is first imported."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(bilinear_src, InterpretedFunction)
+
+
+def check_triton_tensors(*tensors: torch.Tensor) -> None:
+    """Raise a clear error before launching a Triton kernel on tensors it cannot run on."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend 'triton' needs the `triton` package, which is not importable")
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise RuntimeError(f"the Triton kernels take float16/bfloat16/float32 tensors, got {t.dtype}")
+        if t.is_cuda:
+            continue
+        if not (interpreting() and kernels_interpreted()):
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before importing upernet_fast (or use backend='torch')"
+            )
+        if t.dtype == torch.bfloat16:
+            raise RuntimeError("the Triton interpreter has no bfloat16; use float16/float32 on CPU")
+
+
+def out_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout every op returns for input ``x`` (fake and real implementations must agree on strides)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bilinear_scale(in_size: int, out_size: int) -> float:
+    """``in / out`` rounded exactly as ATen's float32 op-math does it (for the Triton kernels)."""
+    return float(np.float32(in_size) / np.float32(out_size))
+
+
+@lru_cache(maxsize=256)
+def _bilinear_indices_cached(
+    in_size: int, out_size: int, shift: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = opmath_dtype(dtype)
+    d = torch.arange(out_size, dtype=torch.int64) + shift
+    valid = (d >= 0) & (d < out_size)
+    d = d.clamp(0, out_size - 1)
+    scale = torch.tensor(in_size, dtype=op) / torch.tensor(out_size, dtype=op)
+    src = (scale * (d.to(op) + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().to(torch.int64).clamp_max(in_size - 1)
+    i1 = i0 + (i0 < in_size - 1).to(torch.int64)
+    l1 = (src - i0.to(op)).clamp(0, 1)
+    l0 = 1 - l1
+    # Zero weights where the shifted position falls outside the output: the conv's zero padding.
+    l0 = torch.where(valid, l0, 0)
+    l1 = torch.where(valid, l1, 0)
+    dev = torch.device(device)
+    return i0.to(dev), i1.to(dev), l0.to(dev), l1.to(dev)
+
+
+def bilinear_indices(
+    in_size: int, out_size: int, dtype: torch.dtype, device: torch.device, shift: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices ``i0, i1`` (int64) and weights ``l0, l1`` (op-math dtype) of output positions
+    ``d + shift`` for ``d`` in ``range(out_size)``; weights are 0 where ``d + shift`` is outside the output."""
+    return _bilinear_indices_cached(in_size, out_size, shift, dtype, str(torch.device(device)))
+
+
+@triton.jit
+def bilinear_src(dst, in_size, scale):
+    """Triton twin of ATen's index rule: (i0, i1, l0, l1) for int32 output indices ``dst``."""
+    src = scale * (dst.to(tl.float32) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0, so truncation is floor
+    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    l0 = 1.0 - l1
+    return i0, i1, l0, l1
+
+
+@triton.jit
+def bilerp(base, i0, i1, j0, j1, l0h, l1h, l0w, l1w, s_h, s_w, mask):
+    """ATen's bilinear blend of the four neighbours at row/col indices (i, j) of one channel plane."""
+    v00 = tl.load(base + i0 * s_h + j0 * s_w, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(base + i0 * s_h + j1 * s_w, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(base + i1 * s_h + j0 * s_w, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(base + i1 * s_h + j1 * s_w, mask=mask, other=0.0).to(tl.float32)
+    return l0h * (l0w * v00 + l1w * v01) + l1h * (l0w * v10 + l1w * v11)

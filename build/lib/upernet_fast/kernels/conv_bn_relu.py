@@ -1,0 +1,247 @@
+"""Conv2d (stride 1, 1x1 or 3x3, zero padding) with BatchNorm folded in and bias + ReLU in the epilogue.
+
+Replaces UPerNet's conv module ``relu(bn(conv(x)))`` (Conv2d(bias=False) -> BatchNorm2d(eps) -> ReLU), in
+inference mode. BatchNorm is affine per output channel, so it folds into the conv exactly:
+
+    s = gamma / sqrt(running_var + eps)
+    W' = W * s[o]            b' = (b - running_mean) * s + beta      (b = 0 when the conv has no bias)
+
+computed in float64 and cast back, so the folded conv is as close to the original as one rounding allows.
+
+Triton: implicit GEMM. Each program owns a tile of (BLOCK_P output pixels) x (BLOCK_N output channels)
+of one image and loops over taps x input-channel blocks, multiplying an im2col tile of x
+(BLOCK_P x BLOCK_K, gathered with zero padding by masks) with a weight tile (BLOCK_K x BLOCK_N);
+accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bias and ReLU are applied to
+the accumulator before the single store.
+
+PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU), or, when the caller
+passes ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the
+Winograd F(4x4, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether to use it is
+decided in ``upernet_fast.dispatch.use_winograd``). The Triton path ignores ``winograd_weight``. oneDNN's fused
+conv+ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``, bitwise the same result) was measured
+against it, 2 threads, quiet machine, ms plain/post-op: 96->512 1x1 at 128^2 47.1/46.2 (NCHW), 27.4/25.3
+(channels-last); 192->512 1x1 at 64^2 17.5/17.7, 6.4/6.1; 384->512 1x1 at 32^2 3.4/3.5, 3.3/3.3;
+512->512 3x3 at 32^2 30.5/30.9, 32.0/31.7. No consistent gain, so the plain path is kept. (Channels-last
+input itself is ~2x faster than NCHW for the 1x1 convs.)
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_triton_tensors, out_memory_format, tl, triton
+from ._memory import MIN_BYTES, empty_output
+from .winograd import conv3x3_winograd
+
+__all__ = ["fold_batchnorm", "conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
+
+
+def fold_batchnorm(
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the single conv equal to ``bn(conv(x))`` in eval mode (float64 math, cast back)."""
+    dtype = conv_weight.dtype
+    scale = bn_weight.double() / torch.sqrt(running_var.double() + eps)
+    weight = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
+    bias = torch.zeros_like(scale) if conv_bias is None else conv_bias.double()
+    bias = (bias - running_mean.double()) * scale + bn_bias.double()
+    return weight.to(dtype), bias.to(dtype)
+
+
+@triton.jit
+def _conv_bn_relu_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    C_in, H, W, C_out, H_out, W_out,
+    sx_b, sx_c, sx_h, sx_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sy_b, sy_c, sy_h, sy_w,
+    KSIZE: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = offs_p < H_out * W_out
+    n_mask = offs_n < C_out
+    oy = offs_p // W_out
+    ox = offs_p % W_out
+
+    x_img = x_ptr + b * sx_b
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for ky in tl.static_range(KSIZE):
+        for kx in tl.static_range(KSIZE):
+            iy = oy + (ky - PAD)
+            ix = ox + (kx - PAD)
+            # Zero padding: taps outside the image are masked to 0 (their addresses are never read).
+            pix_ok = p_mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            x_pix = x_img + iy * sx_h + ix * sx_w
+            w_tap = w_ptr + ky * sw_h + kx * sw_w + offs_n * sw_o
+            for k0 in range(0, C_in, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < C_in
+                a = tl.load(
+                    x_pix[:, None] + offs_k[None, :] * sx_c, mask=pix_ok[:, None] & k_mask[None, :], other=0.0
+                )
+                w = tl.load(
+                    w_tap[None, :] + offs_k[:, None] * sw_i, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+                )
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y = y_ptr + b * sy_b + (oy * sy_h + ox * sy_w)[:, None] + offs_n[None, :] * sy_c
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, int, int, int]:
+    if (
+        x.dim() != 4
+        or weight.dim() != 4
+        or weight.shape[2] != weight.shape[3]
+        or weight.shape[2] not in (1, 3)
+    ):
+        raise ValueError(f"conv_bn_relu: expected NCHW x and a 1x1 or 3x3 weight, got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv_bn_relu: weight has {weight.shape[1]} input channels, x has {x.shape[1]}")
+    k = weight.shape[2]
+    return x.shape[0], weight.shape[0], x.shape[2] + 2 * padding - k + 1, x.shape[3] + 2 * padding - k + 1
+
+
+def conv_bn_relu_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+) -> torch.Tensor:
+    check_triton_tensors(x, weight)
+    B, C_out, H_out, W_out = _out_shape(x, weight, padding)
+    weight = weight.to(x.dtype)  # tl.dot wants equal operand types; accumulation is fp32 regardless
+    y = torch.empty(
+        (B, C_out, H_out, W_out), device=x.device, dtype=x.dtype, memory_format=out_memory_format(x)
+    )
+    BLOCK_P, BLOCK_N, BLOCK_K = 64, 64, 32
+    grid = (triton.cdiv(H_out * W_out, BLOCK_P), triton.cdiv(C_out, BLOCK_N), B)
+    _conv_bn_relu_kernel[grid](
+        x, weight, bias if bias is not None else weight, y,
+        x.shape[1], x.shape[2], x.shape[3], C_out, H_out, W_out,
+        *x.stride(), *weight.stride(), *y.stride(),
+        KSIZE=weight.shape[2], PAD=padding, HAS_BIAS=bias is not None, RELU=relu,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return y
+
+
+def _check_winograd(weight: torch.Tensor, padding: int, winograd_weight: torch.Tensor | None) -> None:
+    if winograd_weight is None:
+        return
+    c_out, c_in, k, _ = weight.shape
+    if k != 3 or padding != 1 or tuple(winograd_weight.shape) != (36, c_in, c_out):
+        raise ValueError(
+            f"conv_bn_relu: winograd_weight needs a 3x3 kernel with padding 1 and shape (36, {c_in}, {c_out}), "
+            f"got kernel {k}x{k}, padding {padding}, winograd_weight {tuple(winograd_weight.shape)}"
+        )
+
+
+def _torch_out_format(x: torch.Tensor, winograd_weight: torch.Tensor | None) -> torch.memory_format:
+    # The Winograd path scatters output tiles as channel vectors: channels-last output, whatever the input.
+    return torch.channels_last if winograd_weight is not None else out_memory_format(x)
+
+
+def _gemm_1x1(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a 1x1 conv runs as one MKL GEMM into a huge-page output (``_conv1x1_gemm``) instead of
+    oneDNN: CPU float32, channels-last input, a large output (its page faults otherwise dominate) and at
+    least 256 output channels. ms oneDNN / GEMM, 2 threads: 512→4608 at 64² 135/108, at 32² 34/27;
+    96→512 at 128² 20.1/11.5; but 512→150 at 128² 14.4/20.3 and 512→4608 at 16² 7.1/7.4."""
+    b, c_out, h, w = x.shape[0], weight.shape[0], x.shape[2], x.shape[3]
+    return (
+        weight.shape[2:] == (1, 1)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and c_out >= 256
+        and b * c_out * h * w * 4 >= MIN_BYTES
+        and x.permute(0, 2, 3, 1).is_contiguous()
+    )
+
+
+def _conv1x1_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """1x1 conv of channels-last ``x`` as (pixels x Cin) @ (Cin x Cout); channels-last output."""
+    b, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    out = empty_output((b, h, w, c_out), dtype=x.dtype, device=x.device)
+    rows, w2d = x.permute(0, 2, 3, 1).reshape(-1, c_in), weight.to(x.dtype).view(c_out, c_in).t()
+    if bias is None:
+        torch.mm(rows, w2d, out=out.view(-1, c_out))
+    else:
+        torch.addmm(bias.to(x.dtype), rows, w2d, out=out.view(-1, c_out))
+    if relu:
+        out.relu_()
+    return out.permute(0, 3, 1, 2)
+
+
+def conv_bn_relu_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    winograd_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    _out_shape(x, weight, padding)
+    _check_winograd(weight, padding, winograd_weight)
+    if winograd_weight is not None:
+        b = None if bias is None else bias.to(x.dtype)
+        return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
+    if _gemm_1x1(x, weight):
+        return _conv1x1_gemm(x, weight, bias, relu)
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
+    if relu:
+        y = y.relu_()
+    return y.contiguous(memory_format=out_memory_format(x))
+
+
+@torch.library.custom_op("upernet_fast::conv_bn_relu", mutates_args=())
+def _conv_bn_relu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    winograd_weight: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        return conv_bn_relu_triton(x, weight, bias, padding, relu)
+    return conv_bn_relu_torch(x, weight, bias, padding, relu, winograd_weight)
+
+
+@_conv_bn_relu_op.register_fake
+def _(x, weight, bias, padding, relu, winograd_weight, backend):
+    shape = _out_shape(x, weight, padding)
+    _check_winograd(weight, padding, winograd_weight)
+    fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+
+
+def conv_bn_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    winograd_weight: torch.Tensor | None = None,
+    *,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, bias, stride=1, padding))`` for 1x1/3x3 kernels; ``backend`` is
+    ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
+    (``winograd.winograd_weight(weight)``) the PyTorch path computes the 3x3 conv by Winograd F(4x4, 3x3)."""
+    return torch.ops.upernet_fast.conv_bn_relu(x, weight, bias, padding, relu, winograd_weight, backend)

@@ -1,0 +1,119 @@
+"""Native CPU helpers (``csrc/*.c``): compiled on first use with the system C compiler, loaded with ctypes.
+
+Only the Winograd tile transforms live here (``csrc/winograd_f43.c``): gathering 6x6 input tiles with their
+zero padding, transforming them and scattering the 4x4 output tiles with bias and ReLU are one pass over
+memory each in C, against five PyTorch passes (pad copy, tile copy, 36x36 transform GEMM, 16x36 transform
+GEMM, strided scatter). The GEMMs between the transforms stay on MKL.
+
+Build: ``cc -O3 -shared -fPIC -fopenmp`` (plus ``-mavx2 -mfma`` when PyTorch reports AVX2 or better) into
+``$UPERNET_FAST_CACHE`` (default ``~/.cache/upernet_fast``), keyed by a hash of the source, compiler and
+flags, so later processes load it at once. No compiler, a failed build or ``UPERNET_FAST_NATIVE=0``: the
+callers keep their PyTorch paths (a warning says why, once). The C loops are OpenMP-parallel over tiles with
+``torch.get_num_threads()`` threads; loaded after PyTorch, the library binds to PyTorch's own ``libgomp``
+(same soname), so both share one thread pool. (Python threads calling the C code measured 2-4x slower per
+transform: PyTorch's OpenMP workers, still spinning after each GEMM, took their cores.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV_VAR = "UPERNET_FAST_NATIVE"
+CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
+SOURCE = Path(__file__).parent / "csrc" / "winograd_f43.c"
+
+_L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    # x, sb, sh, sw, H, W, C, row0, rows, tw, n, threads, V
+    "wino_f43_input": (_P, _L, _L, _L, _I, _I, _I, _I, _I, _I, _L, _I, _P),
+    # M, n, Co, row0, rows, tw, threads, bias, relu, y, ob, oh, ow, H, W
+    "wino_f43_output": (_P, _L, _I, _I, _I, _I, _I, _P, _I, _P, _L, _L, _L, _I, _I),
+}
+
+
+def enabled() -> bool:
+    """False when ``UPERNET_FAST_NATIVE`` is ``0``/``false``/``off``."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try in order: with OpenMP, then without (the transforms then run on one thread)."""
+    flags = ["-O3", "-shared", "-fPIC", "-std=gnu99"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return [[*flags, "-fopenmp"], flags]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV_VAR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "upernet_fast"
+    )
+    return Path(base)
+
+
+def _build(cc: str, flags: list[str]) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{SOURCE.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent first uses never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run(
+            [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120, check=False
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"`{cc}` failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled helpers, or None (disabled, not a Linux/macOS x86/arm machine, no compiler, build
+    failure: warned once)."""
+    if not enabled() or not sys.platform.startswith(("linux", "darwin")):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    try:
+        if cc is None:
+            raise RuntimeError("no C compiler found (set CC, or install gcc)")
+        errors = []
+        for flags in _flag_sets():
+            try:
+                path = _build(cc, flags)
+                break
+            except (RuntimeError, subprocess.SubprocessError) as e:
+                errors.append(str(e))
+        else:
+            raise RuntimeError("; ".join(errors))
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(
+            f"upernet_fast: native Winograd transforms unavailable ({e}); using the PyTorch transforms "
+            f"(same results, slower). Set {ENV_VAR}=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return lib

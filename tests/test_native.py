@@ -1,0 +1,49 @@
+"""Building and loading the native helpers (kernels/native.py): cache, switch, and the fallback when the
+build fails. Their numerics are tested in test_winograd.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upernet_fast.kernels import native
+from upernet_fast.kernels.winograd import conv3x3_winograd, winograd_weight
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A clean `native.library()` cache with its own build directory; restored afterwards."""
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_builds_here_and_reuses_the_cached_build(fresh_library):
+    lib = native.library()
+    assert lib is not None, "the C helpers must build on these machines (gcc is part of the image)"
+    (built,) = fresh_library.glob("winograd_f43-*.so")
+    stamp = built.stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert built.stat().st_mtime_ns == stamp, "a second process must load the cached build, not rebuild"
+
+
+def test_switched_off_by_env(fresh_library, monkeypatch):
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert native.library() is None
+    assert not list(fresh_library.glob("*.so"))
+
+
+def test_failed_build_warns_and_winograd_falls_back(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="native Winograd transforms unavailable"):
+        assert native.library() is None
+    assert not [p for p in os.listdir(fresh_library) if p.endswith(".so")], "no partial build left behind"
+    x = torch.randn(1, 8, 9, 10)
+    w = torch.randn(6, 8, 3, 3) / 10
+    out = conv3x3_winograd(x, winograd_weight(w))  # the PyTorch transforms
+    torch.testing.assert_close(out.double(), F.conv2d(x.double(), w.double(), padding=1), rtol=0, atol=1e-5)
