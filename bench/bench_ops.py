@@ -90,12 +90,13 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
                  lambda x=x, wf=wf, bf=bf, pad=pad: ops.conv_bn_relu(x, wf, bf, pad, True))
         )  # fmt: skip
         xc = _cl(x)
-        if dispatch.use_winograd(ops, xc, wf, pad):  # what the head runs for this conv (CPU, wide, 3x3)
-            u = winograd_weight(wf)
+        tile = dispatch.winograd_tile(ops, xc, wf, pad)
+        if tile:  # what the head runs for this conv (CPU, wide, 3x3)
+            u = winograd_weight(wf, tile)
             cases.append(
                 Case("conv_bn_relu", f"{C}->{C} k{k} {size}x{size} winograd", unfused,
                      lambda xc=xc, wf=wf, bf=bf, u=u: ops.conv_bn_relu(xc, wf, bf, 1, True, u),
-                     note="Winograd F(4x4,3x3), channels-last input; error column vs the exact conv")
+                     note=f"Winograd F({tile}x{tile},3x3), channels-last input; error column vs the exact conv")
             )  # fmt: skip
 
     # PPM pooling: 768 channels at 16x16 (ConvNeXt-T stage 4), scales 1, 2, 3, 6.

@@ -3,7 +3,9 @@ source-index rule that every resize in this package must reproduce bit for bit.
 
 PyTorch's bilinear resize (``align_corners=False``, ``antialias=False``, output size given) maps output
 index ``d`` to ``src = max(scale * (d + 0.5) - 0.5, 0)`` with ``scale = in / out`` computed in the op-math
-type (float32 for float16/float32, float64 for float64), then ``i0 = min(floor(src), in - 1)``,
+type (float32 for float16/float32, float64 for float64); ATen's AVX2 CPU build evaluates ``scale * (d + 0.5)
+- 0.5`` as one fused multiply-add (one rounding: with two roundings the C resize differed from
+F.interpolate by 1e-5 at 48 -> 480 px, with one it is bitwise equal), so the float32 rule below does too; then ``i0 = min(floor(src), in - 1)``,
 ``i1 = i0 + (i0 < in - 1)``, ``l1 = clamp(src - i0, 0, 1)``, ``l0 = 1 - l1`` (ATen ``UpSample.h``), and
 evaluates ``l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] + l1w * x[i1, j1])``.
 """
@@ -86,7 +88,10 @@ def _bilinear_indices_cached(
     valid = (d >= 0) & (d < out_size)
     d = d.clamp(0, out_size - 1)
     scale = torch.tensor(in_size, dtype=op) / torch.tensor(out_size, dtype=op)
-    src = (scale * (d.to(op) + 0.5) - 0.5).clamp_min(0)
+    if op == torch.float32:  # fma(scale, d + 0.5, -0.5): exact product and sum in float64, one rounding
+        src = (scale.double() * (d.double() + 0.5) - 0.5).float().clamp_min(0)
+    else:
+        src = (scale * (d.to(op) + 0.5) - 0.5).clamp_min(0)
     i0 = src.floor().to(torch.int64).clamp_max(in_size - 1)
     i1 = i0 + (i0 < in_size - 1).to(torch.int64)
     l1 = (src - i0.to(op)).clamp(0, 1)

@@ -14,10 +14,11 @@ of one image and loops over taps x input-channel blocks, multiplying an im2col t
 accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bias and ReLU are applied to
 the accumulator before the single store.
 
-PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU), or, when the caller
-passes ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the
-Winograd F(4x4, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether to use it is
-decided in ``upernet_fast.dispatch.use_winograd``). The Triton path ignores ``winograd_weight``. oneDNN's fused
+PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU); large, wide 1x1 convs
+on channels-last input as one MKL GEMM into a huge-page output (``_gemm_1x1``); or, when the caller passes
+``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the Winograd
+F(4x4, 3x3) / F(6x6, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether and which
+is decided in ``upernet_fast.dispatch.winograd_tile``). The Triton path ignores ``winograd_weight``. oneDNN's fused
 conv+ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``, bitwise the same result) was measured
 against it, 2 threads, quiet machine, ms plain/post-op: 96->512 1x1 at 128^2 47.1/46.2 (NCHW), 27.4/25.3
 (channels-last); 192->512 1x1 at 64^2 17.5/17.7, 6.4/6.1; 384->512 1x1 at 32^2 3.4/3.5, 3.3/3.3;
@@ -142,9 +143,10 @@ def _check_winograd(weight: torch.Tensor, padding: int, winograd_weight: torch.T
     if winograd_weight is None:
         return
     c_out, c_in, k, _ = weight.shape
-    if k != 3 or padding != 1 or tuple(winograd_weight.shape) != (36, c_in, c_out):
+    if k != 3 or padding != 1 or tuple(winograd_weight.shape) not in ((36, c_in, c_out), (64, c_in, c_out)):
         raise ValueError(
-            f"conv_bn_relu: winograd_weight needs a 3x3 kernel with padding 1 and shape (36, {c_in}, {c_out}), "
+            f"conv_bn_relu: winograd_weight needs a 3x3 kernel with padding 1 and shape (36 or 64, {c_in}, "
+            f"{c_out}), "
             f"got kernel {k}x{k}, padding {padding}, winograd_weight {tuple(winograd_weight.shape)}"
         )
 
@@ -243,5 +245,6 @@ def conv_bn_relu(
 ) -> torch.Tensor:
     """``relu?(conv2d(x, weight, bias, stride=1, padding))`` for 1x1/3x3 kernels; ``backend`` is
     ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
-    (``winograd.winograd_weight(weight)``) the PyTorch path computes the 3x3 conv by Winograd F(4x4, 3x3)."""
+    (``winograd.winograd_weight(weight, tile)``) the PyTorch path computes the 3x3 conv by Winograd
+    F(tile x tile, 3x3)."""
     return torch.ops.upernet_fast.conv_bn_relu(x, weight, bias, padding, relu, winograd_weight, backend)

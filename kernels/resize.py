@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import native
 from ._common import (
     bilerp,
     bilinear_indices,
@@ -131,9 +132,34 @@ def resize_bilinear_triton(x: torch.Tensor, size: list[int]) -> torch.Tensor:
 def resize_bilinear_torch(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     H, W = _check(x, size)
     fmt = out_memory_format(x)
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and fmt == torch.contiguous_format  # the C kernel writes NCHW
+        and native.library() is not None
+    ):
+        return _resize_bilinear_native(x, H, W)
     y = empty_output((x.shape[0], x.shape[1], H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
     # F.interpolate's kernel writing into a huge-page buffer (same op and scales: size given, no scale).
     return torch.ops.aten.upsample_bilinear2d.out(x, [H, W], False, None, None, out=y)
+
+
+def _resize_bilinear_native(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The C separable resize (``csrc/resize.c``) into a contiguous NCHW huge-page output, from any input
+    strides; sampling positions and weights are ATen's, the summation order differs (about an ulp)."""
+    B, C, h, w = x.shape
+    y = empty_output((B, C, H, W), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    rows = bilinear_indices(h, H, x.dtype, x.device)
+    cols = bilinear_indices(w, W, x.dtype, x.device)
+    failed = native.library().resize_bilinear_planes(
+        x.data_ptr(), B, C, *x.stride(), h, w, y.data_ptr(), H, W,
+        *(t.data_ptr() for t in (*rows, *cols)), torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError(f"resize_bilinear: could not allocate the row buffer ({h}x{W} floats)")
+    return y
 
 
 def resize_argmax_triton(x: torch.Tensor, size: list[int]) -> torch.Tensor:

@@ -201,12 +201,41 @@ def test_upsample_shift_add_low_precision(dtype, layout) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ resize
-@pytest.mark.parametrize("size", [(29, 35), (3, 4), (13, 17), (1, 1)])
+@pytest.mark.parametrize("size", [(29, 35), (3, 4), (13, 17), (1, 1), (52, 68), (40, 171)])
 def test_resize_bilinear_torch(size) -> None:
+    """float32 NCHW runs the C separable resize (kernels/csrc/resize.c): ATen's sampling positions and
+    weights, another summation order, so within about an ulp of F.interpolate (a wrong index or weight
+    would be off by O(1)). Channels-last and float64 inputs stay on F.interpolate."""
+    from upernet_fast.kernels import native
+
     x = rand(2, 3, 13, 17)
     plain = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    assert torch.equal(resize_bilinear(x, size), plain)
-    assert torch.equal(resize_bilinear(cl(x), size), plain)
+    y = resize_bilinear(x, size)
+    assert y.is_contiguous() and y.dtype == torch.float32
+    assert_close(y, plain, 4 * torch.finfo(torch.float32).eps * x.abs().max().item(), "resize_bilinear")
+    if native.library() is None:
+        pytest.fail("the native CPU helpers did not build (see the RuntimeWarning)")
+    assert torch.equal(resize_bilinear(cl(x), size), plain)  # channels-last in and out: F.interpolate
+    assert resize_bilinear(cl(x), size).is_contiguous(memory_format=torch.channels_last)
+    x64 = x.double()
+    assert torch.equal(
+        resize_bilinear(x64, size), F.interpolate(x64, size=size, mode="bilinear", align_corners=False)
+    )
+
+
+def test_resize_bilinear_strided_input_and_one_thread() -> None:
+    from upernet_fast.kernels.resize import _resize_bilinear_native
+
+    x = rand(2, 40, 9, 11)[:, ::3]  # strided channels
+    plain = F.interpolate(x, size=(33, 21), mode="bilinear", align_corners=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _resize_bilinear_native(x, 33, 21)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, _resize_bilinear_native(x, 33, 21))
+    assert_close(single, plain, 8 * torch.finfo(torch.float32).eps * x.abs().max().item(), "strided input")
 
 
 def assert_argmax_ok(labels: torch.Tensor, logits: torch.Tensor, tol: float, what: str) -> None:
@@ -401,7 +430,8 @@ def test_large_outputs_are_huge_page_backed() -> None:
         pytest.skip(f"huge pages unavailable here (THP mode: {mode.strip()})")
     x = rand(1, 19, 48, 64)
     y = resize_bilinear(x, (480, 640))  # 23 MB
-    assert torch.equal(y, F.interpolate(x, size=(480, 640), mode="bilinear", align_corners=False))
+    plain = F.interpolate(x, size=(480, 640), mode="bilinear", align_corners=False)
+    assert_close(y, plain, 8 * torch.finfo(torch.float32).eps * x.abs().max().item(), "large resize")
     hi, lo = rand(1, 40, 300, 257, seed=1), rand(1, 40, 75, 65, seed=2)
     up = topdown_add(hi, lo)
     assert torch.equal(up, hi + F.interpolate(lo, size=(300, 257), mode="bilinear", align_corners=False))

@@ -1,4 +1,4 @@
-"""The model-level fast-path switches: Winograd on/off (dispatch.use_winograd), the backend choice, and
+"""The model-level fast-path switches: Winograd on/off and its tile (dispatch.winograd_tile), the backend choice, and
 `torch.compile(model, fullgraph=True)` through the registered ops, each against transformers."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _count_winograd(monkeypatch) -> list[tuple]:
     real = conv_module.conv3x3_winograd
 
     def spy(x, u, bias=None, relu=False):
-        calls.append(tuple(x.shape))
+        calls.append(tuple(x.shape) if u.shape[0] == 36 else ("F6", *x.shape))
         return real(x, u, bias, relu)
 
     monkeypatch.setattr(conv_module, "conv3x3_winograd", spy)
@@ -54,6 +54,39 @@ def test_winograd_runs_on_wide_heads_and_matches(wide_reference, monkeypatch):
         exact_report = compare_logits(ref, exact(x).logits, REL_TOL)
     assert calls == []
     print(f"winograd {report} / exact {exact_report}")
+
+
+def test_winograd_f6_on_large_maps_matches(wide_reference, monkeypatch):
+    monkeypatch.delenv(dispatch.WINOGRAD_ENV_VAR, raising=False)
+    calls = _count_winograd(monkeypatch)
+    x = torch.randn(1, 3, 259, 263, generator=torch.Generator().manual_seed(7))  # level 0: 64x65
+    with torch.no_grad():
+        report = compare_logits(
+            wide_reference(x).logits, upernet_fast.load(wide_reference)(x).logits, REL_TOL
+        )
+    # level 0 (64x65) takes F(6x6): fpn_convs[0] and fpn_bottleneck's level-0 group; levels 1, 2 F(4x4)
+    assert calls == [("F6", 1, 256, 64, 65), (1, 256, 32, 32), (1, 256, 16, 16), ("F6", 1, 256, 64, 65)], (
+        calls
+    )
+    print(f"F(6x6) model {report}")
+
+
+def test_winograd_tile_rule():
+    """F(6x6) from WINOGRAD_F6_MIN_SIDE, F(4x4) below, none where the table says the exact conv wins."""
+    ops = dispatch.ops_for("torch", "cpu", winograd=True)
+    w = torch.empty(512, 512, 3, 3)
+    side = dispatch.WINOGRAD_F6_MIN_SIDE
+    assert dispatch.winograd_tile(ops, torch.empty(1, 512, side, side + 5), w, 1) == 6
+    assert dispatch.winograd_tile(ops, torch.empty(1, 512, side - 1, 300), w, 1) == 4
+    assert dispatch.winograd_tile(ops, torch.empty(1, 512, 7, 7), w, 1) == 0
+    assert dispatch.winograd_tile(ops, torch.empty(1, 512, 64, 64), w, 0) == 0
+    assert dispatch.winograd_tile(ops, torch.empty(1, 512, 64, 64, dtype=torch.float64), w, 1) == 0
+    assert (
+        dispatch.winograd_tile(
+            dispatch.ops_for("torch", "cpu", winograd=False), torch.empty(1, 512, 64, 64), w, 1
+        )
+        == 0
+    )
 
 
 def test_winograd_env_switch(wide_reference, monkeypatch):

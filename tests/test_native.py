@@ -25,7 +25,7 @@ def fresh_library(monkeypatch, tmp_path):
 def test_builds_here_and_reuses_the_cached_build(fresh_library):
     lib = native.library()
     assert lib is not None, "the C helpers must build on these machines (gcc is part of the image)"
-    (built,) = fresh_library.glob("winograd_f43-*.so")
+    (built,) = fresh_library.glob("upernet_fast_native-*.so")
     stamp = built.stat().st_mtime_ns
     native.library.cache_clear()
     assert native.library() is not None
@@ -40,7 +40,7 @@ def test_switched_off_by_env(fresh_library, monkeypatch):
 
 def test_failed_build_warns_and_winograd_falls_back(fresh_library, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with pytest.warns(RuntimeWarning, match="native Winograd transforms unavailable"):
+    with pytest.warns(RuntimeWarning, match="native CPU helpers unavailable"):
         assert native.library() is None
     assert not [p for p in os.listdir(fresh_library) if p.endswith(".so")], "no partial build left behind"
     x = torch.randn(1, 8, 9, 10)

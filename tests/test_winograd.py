@@ -1,7 +1,9 @@
-"""Winograd F(4x4,3x3) against a float64 direct convolution (it is not exact: transforms amplify rounding).
+"""Winograd F(4x4,3x3) and F(6x6,3x3) against a float64 direct convolution (not exact: the transforms
+amplify rounding), with the C and the PyTorch tile transforms.
 
-Tolerance: max |error| <= 5e-5 x max |output| in fp32 (measured ~1e-5 relative at 512 channels), and at
-most 30x the direct fp32 conv's own error + 1e-6 x scale, so a silent algebra bug cannot hide in it."""
+Tolerance, fp32: max |error| <= BOUND x max |output| (measured at 512 channels: F(4x4) ~7e-6, F(6x6) ~1e-5
+relative), and at most FACTOR x the direct fp32 conv's own error + 1e-6 x scale, so a silent algebra bug
+(an O(1) error) cannot hide in it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from upernet_fast.kernels.winograd import (
     winograd_weight,
 )
 
+BOUND = {4: 5e-5, 6: 1e-4}
+FACTOR = {4: 30, 6: 100}
 # Both transform implementations: C (kernels/csrc, the default where it builds) and PyTorch (the fallback).
 PATHS = {"native": _conv3x3_winograd_native, "torch": _conv3x3_winograd_torch}
 
@@ -36,7 +40,8 @@ PATHS = {"native": _conv3x3_winograd_native, "torch": _conv3x3_winograd_torch}
 )
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("path", PATHS)
-def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu, path):
+@pytest.mark.parametrize("tile", [4, 6])
+def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu, path, tile):
     if path == "native" and native.library() is None:
         pytest.fail("the native Winograd transforms did not build (see the RuntimeWarning)")
     g = torch.Generator().manual_seed(batch * 1000 + cin + h)
@@ -47,7 +52,7 @@ def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu, path):
     direct = F.conv2d(x, weight, bias, padding=1)
     if relu:
         ref, direct = F.relu(ref), F.relu(direct)
-    out = PATHS[path](x, winograd_weight(weight), bias, relu)
+    out = PATHS[path](x, winograd_weight(weight, tile), bias, relu)
     assert out.shape == ref.shape
     # a dense channels-last tensor even when h, w are not multiples of the 4x4 tile (edge tiles clipped)
     assert (
@@ -58,25 +63,28 @@ def test_winograd_matches_float64_conv(batch, cin, cout, h, w, relu, path):
     err = (out.double() - ref).abs()
     direct_err = (direct.double() - ref).abs().max().item()
     worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert err.max().item() <= 5e-5 * scale, f"error {err.max().item():.3g} at {worst}, scale {scale:.3g}"
-    assert err.max().item() <= 30 * direct_err + 1e-6 * scale, (
+    assert err.max().item() <= BOUND[tile] * scale, (
+        f"error {err.max().item():.3g} at {worst}, scale {scale:.3g}"
+    )
+    assert err.max().item() <= FACTOR[tile] * direct_err + 1e-6 * scale, (
         f"error {err.max().item():.3g} vs direct {direct_err:.3g}"
     )
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_winograd_channels_last_and_noncontiguous_input(path):
+@pytest.mark.parametrize("tile", [4, 6])
+def test_winograd_channels_last_and_noncontiguous_input(path, tile):
     conv3x3_winograd = PATHS[path]
     x = torch.randn(1, 12, 20, 23).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, 12, 3, 3) / 10
     ref = F.conv2d(x.double(), weight.double(), padding=1)
     torch.testing.assert_close(
-        conv3x3_winograd(x, winograd_weight(weight), None, False).double(), ref, rtol=0, atol=5e-5 * 5
+        conv3x3_winograd(x, winograd_weight(weight, tile), None, False).double(), ref, rtol=0, atol=5e-5 * 5
     )
     xs = torch.randn(1, 12, 40, 23)[:, :, ::2]  # strided view
     ref = F.conv2d(xs.double(), weight.double(), padding=1)
     torch.testing.assert_close(
-        conv3x3_winograd(xs, winograd_weight(weight), None, False).double(), ref, rtol=0, atol=5e-5 * 5
+        conv3x3_winograd(xs, winograd_weight(weight, tile), None, False).double(), ref, rtol=0, atol=5e-5 * 5
     )
 
 
@@ -87,7 +95,7 @@ def test_winograd_native_is_the_default_and_thread_count_independent():
         pytest.fail("the native Winograd transforms did not build (see the RuntimeWarning)")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 96, 37, 29, generator=g)
-    u = winograd_weight(torch.randn(80, 96, 3, 3, generator=g) / 30)
+    u = winograd_weight(torch.randn(80, 96, 3, 3, generator=g) / 30, 6)
     bias = torch.randn(80, generator=g)
     out = conv3x3_winograd(x, u, bias, relu=True)
     assert torch.equal(out, _conv3x3_winograd_native(x, u, bias, True))
@@ -98,3 +106,14 @@ def test_winograd_native_is_the_default_and_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out, single)
+
+
+def test_winograd_weight_and_filter_shape_errors():
+    w = torch.randn(5, 4, 3, 3)
+    assert winograd_weight(w).shape == (36, 4, 5) and winograd_weight(w, 6).shape == (64, 4, 5)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd_weight(w, 5)
+    with pytest.raises(ValueError, match="36 or 64"):
+        conv3x3_winograd(torch.randn(1, 4, 8, 8), torch.randn(49, 4, 5))
+    with pytest.raises(ValueError, match="take 4 input channels, x has 3"):
+        conv3x3_winograd(torch.randn(1, 3, 8, 8), winograd_weight(w))

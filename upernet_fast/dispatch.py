@@ -11,9 +11,9 @@ Per-op choice, strongest first:
   3. the model-wide ``backend``.
 
 Winograd (CPU, beyond exact): the PyTorch path of ``conv_bn_relu`` can compute the head's large 3x3 convs
-by Winograd F(4x4, 3x3) (``kernels/winograd.py``: ~2x faster than oneDNN on AVX2, error ~1e-5 relative).
-``use_winograd`` is the one rule for when; ``UPERNET_FAST_WINOGRAD=0`` (or ``load(..., winograd=False)``)
-keeps every conv exact.
+by Winograd F(4x4, 3x3) or F(6x6, 3x3) (``kernels/winograd.py``: 2.5-3.8x faster than oneDNN on AVX2,
+error ~1e-5 relative). ``winograd_tile`` is the one rule for when and which; ``UPERNET_FAST_WINOGRAD=0``
+(or ``load(..., winograd=False)``) keeps every conv exact.
 
 Typical use in the model layer::
 
@@ -44,8 +44,8 @@ __all__ = [
     "ops_for",
     "override",
     "resolve_backend",
-    "use_winograd",
     "winograd_default",
+    "winograd_tile",
 ]
 
 ENV_VAR = "UPERNET_FAST_BACKEND"
@@ -55,6 +55,9 @@ WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
 #   128 ch: 8² 0.24/0.29, 16² 0.53/0.50, 32² 1.66/1.20;  256 ch: 8² 0.77/0.56, 16² 1.99/1.08, 32² 6.53/3.19;
 #   512 ch: 8² 3.84/2.62, 16² 8.76/4.53, 32² 27.6/11.0, 128² ~430/~190.
 WINOGRAD_WINS = ((256, 8), (128, 16))
+# From this map side on, F(6x6, 3x3) (fewer GEMM flops, 8x8 transforms) beats F(4x4, 3x3); ms F(4x4) / F(6x6),
+# 512 ch, C transforms: 128² 131.5/113.7, 64² 33.6/30.9, 32² 9.9/11.8, 16² 4.2/7.4.
+WINOGRAD_F6_MIN_SIDE = 64
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -104,18 +107,22 @@ def winograd_default() -> bool:
     raise ValueError(f"{WINOGRAD_ENV_VAR}={value!r} is not a switch; use 1 or 0")
 
 
-def use_winograd(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
-    """Whether a stride-1 conv of ``x`` with ``weight`` should run as Winograd F(4x4, 3x3): only on the
-    PyTorch path, on CPU float32, for 3x3 kernels with padding 1 and sizes where it measured faster."""
+def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> int:
+    """The Winograd output tile (4 or 6) a stride-1 conv of ``x`` with ``weight`` should run with, or 0 for
+    the exact conv: Winograd only on the PyTorch path, on CPU float32, for 3x3 kernels with padding 1 and
+    sizes where it measured faster (``WINOGRAD_WINS``); F(6x6) from ``WINOGRAD_F6_MIN_SIDE``."""
     c_out, c_in, kh, kw = weight.shape
-    return (
+    side = min(x.shape[2:])
+    if not (
         ops.winograd
         and (kh, kw, padding) == (3, 3, 1)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and any(min(c_in, c_out) >= c and min(x.shape[2:]) >= side for c, side in WINOGRAD_WINS)
+        and any(min(c_in, c_out) >= c and side >= s for c, s in WINOGRAD_WINS)
         and ops.backend_of("conv_bn_relu") == "torch"
-    )
+    ):
+        return 0
+    return 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
 
 
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:

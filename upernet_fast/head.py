@@ -37,8 +37,9 @@ def _conv(
 ) -> torch.Tensor:
     """`ops.conv_bn_relu` with the Winograd weight (cached on `owner` under `name`) when dispatch says so."""
     wino = None
-    if dispatch.use_winograd(ops, x, weight, padding):
-        wino = cached(owner, f"winograd_{name}", sources, lambda: winograd_weight(weight))
+    tile = dispatch.winograd_tile(ops, x, weight, padding)
+    if tile:
+        wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
     return ops.conv_bn_relu(x, weight, bias, padding, relu, wino)
 
 
