@@ -142,38 +142,67 @@ def _scatter_tiles(tiles: torch.Tensor, out: torch.Tensor, row0: int) -> torch.T
 
 
 def conv3x3_winograd(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
+    x: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    x2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """3x3 conv, padding 1, of NCHW `x` with filters `u` from `winograd_weight` (its shape says F(4x4) or
-    F(6x6)); returns a channels-last tensor (NCHW logical shape). Tile transforms in C (`native.py`) for
-    CPU float32 when they built, else in PyTorch."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and native.library() is not None:
-        return _conv3x3_winograd_native(x, u, bias, relu)
-    return _conv3x3_winograd_torch(x, u, bias, relu)
+    F(6x6)); returns a channels-last tensor (NCHW logical shape). With `x2` (same batch and size), the conv
+    of their channel concatenation, which is never built. Tile transforms in C (`native.py`) for CPU
+    float32 when they built, else in PyTorch."""
+    groups = [x] if x2 is None else [x, x2]
+    _check_groups(groups, u)
+    if (
+        x.device.type == "cpu"
+        and all(g.dtype == torch.float32 for g in groups)
+        and native.library() is not None
+    ):
+        return _conv3x3_winograd_native(groups, u, bias, relu)
+    return _conv3x3_winograd_torch(x if x2 is None else torch.cat([x, x2.to(x.dtype)], 1), u, bias, relu)
+
+
+def _check_groups(groups: list[torch.Tensor], u: torch.Tensor) -> None:
+    spec_of(u)
+    x = groups[0]
+    for g in groups:
+        if g.dim() != 4 or g.shape[0] != x.shape[0] or g.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"Winograd inputs must be NCHW with equal batch and size, got {[tuple(g.shape) for g in groups]}"
+            )
+    cin = sum(g.shape[1] for g in groups)
+    if u.shape[1] != cin:
+        raise ValueError(f"Winograd filters take {u.shape[1]} input channels, x has {cin}")
 
 
 def _blocks(x: torch.Tensor, u: torch.Tensor) -> tuple[WinogradSpec, int, int, int]:
     """(spec, tile rows, tile columns, tile rows per block)."""
     spec = spec_of(u)
-    if u.shape[1] != x.shape[1]:
-        raise ValueError(f"Winograd filters take {u.shape[1]} input channels, x has {x.shape[1]}")
     m, batch = spec.tile, x.shape[0]
     th, tw = -(-x.shape[2] // m), -(-x.shape[3] // m)
     return spec, th, tw, max(1, min(th, TARGET_TILES // max(1, batch * tw)))
 
 
 def _conv3x3_winograd_native(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool
+    groups: list[torch.Tensor], u: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
     lib = native.library()
+    x = groups[0]
     spec, th, tw, rows = _blocks(x, u)
     transform_in = getattr(lib, f"wino_f{spec.tile}3_input")
     transform_out = getattr(lib, f"wino_f{spec.tile}3_output")
-    batch, cin, h, w = x.shape
-    p2, cout = spec.points**2, u.shape[2]
-    xn = x.permute(0, 2, 3, 1)
-    if xn.stride(3) != 1:  # the C gather reads channel vectors
-        xn = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    batch, _, h, w = x.shape
+    p2, cin, cout = spec.points**2, u.shape[1], u.shape[2]
+    # NHWC views with unit channel stride (the C gather reads channel vectors), each group's first channel
+    nhwc = []
+    offset = 0
+    for g in groups:
+        gn = g.permute(0, 2, 3, 1)
+        if gn.stride(3) != 1:
+            gn = g.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        nhwc.append((gn, offset))
+        offset += g.shape[1]
     u = u.contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     out = empty_output((batch, h, w, cout), dtype=x.dtype, device=x.device)
@@ -185,7 +214,11 @@ def _conv3x3_winograd_native(
         r = min(rows, th - r0)
         n = batch * r * tw
         v, m = transformed[: p2 * n * cin].view(p2, n, cin), products[: p2 * n * cout].view(p2, n, cout)
-        transform_in(xn.data_ptr(), *xn.stride()[:3], h, w, cin, r0, r, tw, n, threads, v.data_ptr())
+        for gn, c0 in nhwc:  # each group into its channel columns of v
+            transform_in(
+                gn.data_ptr(), *gn.stride()[:3], h, w, gn.shape[3], r0, r, tw, n, threads,
+                v.data_ptr() + c0 * v.element_size(), cin,
+            )  # fmt: skip
         torch.bmm(v, u, out=m)  # (m+2)² GEMMs (tiles x Cin) @ (Cin x Cout)
         transform_out(
             m.data_ptr(), n, cout, r0, r, tw, threads, None if b is None else b.data_ptr(), int(relu),
@@ -197,6 +230,7 @@ def _conv3x3_winograd_native(
 def _conv3x3_winograd_torch(
     x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
+    _check_groups([x], u)
     spec, th, tw, rows = _blocks(x, u)
     batch, cin, h, w = x.shape
     mt, pt, cout = spec.tile, spec.points, u.shape[2]
@@ -240,3 +274,29 @@ def _conv3x3_winograd_torch(
         if relu:
             dst.relu_()
     return out.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("upernet_fast::conv3x3_winograd_pair", mutates_args=())
+def _conv3x3_winograd_pair_op(
+    x: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    return conv3x3_winograd(x, u, bias, relu, x2)
+
+
+@_conv3x3_winograd_pair_op.register_fake
+def _(x, x2, u, bias, relu):
+    _check_groups([x, x2], u)
+    return torch.empty(
+        (x.shape[0], u.shape[2], *x.shape[2:]),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+
+
+def conv3x3_winograd_pair(
+    x: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
+) -> torch.Tensor:
+    """``conv3x3_winograd`` of the channel concatenation of ``x`` and ``x2`` as a registered op
+    (``torch.ops.upernet_fast.conv3x3_winograd_pair``), so torch.compile treats it as one opaque call."""
+    return torch.ops.upernet_fast.conv3x3_winograd_pair(x, x2, u, bias, relu)

@@ -59,15 +59,24 @@ def test_winograd_runs_on_wide_heads_and_matches(wide_reference, monkeypatch):
 def test_winograd_f6_on_large_maps_matches(wide_reference, monkeypatch):
     monkeypatch.delenv(dispatch.WINOGRAD_ENV_VAR, raising=False)
     calls = _count_winograd(monkeypatch)
+    head_module = importlib.import_module("upernet_fast.head")
+    pairs: list[tuple] = []
+    real_pair = head_module.conv3x3_winograd_pair
+
+    def pair_spy(x, x2, u, bias=None, relu=False):
+        pairs.append((u.shape[0], tuple(x.shape), tuple(x2.shape)))
+        return real_pair(x, x2, u, bias, relu)
+
+    monkeypatch.setattr(head_module, "conv3x3_winograd_pair", pair_spy)
     x = torch.randn(1, 3, 259, 263, generator=torch.Generator().manual_seed(7))  # level 0: 64x65
     with torch.no_grad():
         report = compare_logits(
             wide_reference(x).logits, upernet_fast.load(wide_reference)(x).logits, REL_TOL
         )
-    # level 0 (64x65) takes F(6x6): fpn_convs[0] and fpn_bottleneck's level-0 group; levels 1, 2 F(4x4)
-    assert calls == [("F6", 1, 256, 64, 65), (1, 256, 32, 32), (1, 256, 16, 16), ("F6", 1, 256, 64, 65)], (
-        calls
-    )
+    # level 0 (64x65) takes F(6x6): fpn_convs[0]; levels 1, 2 F(4x4) ...
+    assert calls == [("F6", 1, 256, 64, 65), (1, 256, 32, 32), (1, 256, 16, 16)], calls
+    # ... and fpn_bottleneck's level-0 group, with level 1 upsampled and merged into it (F(6x6), 2x up)
+    assert pairs == [(64, (1, 256, 64, 65), (1, 256, 64, 65))], pairs
     print(f"F(6x6) model {report}")
 
 

@@ -47,3 +47,18 @@ def test_failed_build_warns_and_winograd_falls_back(fresh_library, monkeypatch):
     w = torch.randn(6, 8, 3, 3) / 10
     out = conv3x3_winograd(x, winograd_weight(w))  # the PyTorch transforms
     torch.testing.assert_close(out.double(), F.conv2d(x.double(), w.double(), padding=1), rtol=0, atol=1e-5)
+
+
+def test_switches_are_read_from_the_environment():
+    """UPERNET_FAST_HUGEPAGES=0 leaves buffers unadvised; UPERNET_FAST_NATIVE=0 keeps the C helpers off
+    (both as a fresh process sees them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from upernet_fast.kernels import _memory, native; "
+        "print(_memory._madvise is None, native.library() is None)"
+    )
+    env = {**os.environ, "UPERNET_FAST_HUGEPAGES": "0", native.ENV_VAR: "0"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr

@@ -22,7 +22,10 @@ from upernet_fast.kernels.winograd import (
 BOUND = {4: 5e-5, 6: 1e-4}
 FACTOR = {4: 30, 6: 100}
 # Both transform implementations: C (kernels/csrc, the default where it builds) and PyTorch (the fallback).
-PATHS = {"native": _conv3x3_winograd_native, "torch": _conv3x3_winograd_torch}
+PATHS = {
+    "native": lambda x, u, bias, relu: _conv3x3_winograd_native([x], u, bias, relu),
+    "torch": _conv3x3_winograd_torch,
+}
 
 
 @pytest.mark.parametrize(
@@ -98,11 +101,11 @@ def test_winograd_native_is_the_default_and_thread_count_independent():
     u = winograd_weight(torch.randn(80, 96, 3, 3, generator=g) / 30, 6)
     bias = torch.randn(80, generator=g)
     out = conv3x3_winograd(x, u, bias, relu=True)
-    assert torch.equal(out, _conv3x3_winograd_native(x, u, bias, True))
+    assert torch.equal(out, _conv3x3_winograd_native([x], u, bias, True))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = _conv3x3_winograd_native(x, u, bias, True)
+        single = _conv3x3_winograd_native([x], u, bias, True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out, single)
@@ -117,3 +120,29 @@ def test_winograd_weight_and_filter_shape_errors():
         conv3x3_winograd(torch.randn(1, 4, 8, 8), torch.randn(49, 4, 5))
     with pytest.raises(ValueError, match="take 4 input channels, x has 3"):
         conv3x3_winograd(torch.randn(1, 3, 8, 8), winograd_weight(w))
+
+
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("native_path", [True, False])
+def test_winograd_pair_is_the_conv_of_the_concatenation(tile, native_path, monkeypatch):
+    """Two input groups transformed into one set of tiles: the conv of their channel concatenation."""
+    from upernet_fast.kernels.winograd import conv3x3_winograd_pair
+
+    if not native_path:
+        monkeypatch.setattr(native, "library", lambda: None)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 70, 19, 23, generator=g)
+    x2 = torch.randn(2, 45, 19, 23, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(33, 115, 3, 3, generator=g) / 30
+    bias = torch.randn(33, generator=g)
+    cat = torch.cat([x, x2], 1).double()
+    ref = F.relu(F.conv2d(cat, weight.double(), bias.double(), padding=1))
+    direct_err = (F.relu(F.conv2d(cat.float(), weight, bias, padding=1)).double() - ref).abs().max().item()
+    out = conv3x3_winograd_pair(x, x2, winograd_weight(weight, tile), bias, True)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    err, scale = (out.double() - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= BOUND[tile] * scale and err <= FACTOR[tile] * direct_err + 1e-6 * scale, (err, direct_err)
+    with pytest.raises(ValueError, match="take 115 input channels, x has 114"):
+        conv3x3_winograd(x, winograd_weight(weight, tile), x2=x2[:, :44])
+    with pytest.raises(ValueError, match="equal batch and size"):
+        conv3x3_winograd(x, winograd_weight(weight, tile), x2=x2[:, :, :5])

@@ -44,6 +44,7 @@ __all__ = [
     "ops_for",
     "override",
     "resolve_backend",
+    "merge_into_winograd",
     "winograd_default",
     "winograd_tile",
 ]
@@ -58,6 +59,12 @@ WINOGRAD_WINS = ((256, 8), (128, 16))
 # From this map side on, F(6x6, 3x3) (fewer GEMM flops, 8x8 transforms) beats F(4x4, 3x3); ms F(4x4) / F(6x6),
 # 512 ch, C transforms: 128² 131.5/113.7, 64² 33.6/30.9, 32² 9.9/11.8, 16² 4.2/7.4.
 WINOGRAD_F6_MIN_SIDE = 64
+# An upsampled input group of a Winograd bottleneck costs 9 tap GEMM rows per low-resolution pixel (plus the
+# shift-add) as taps, and (m+2)²/m² rows per output pixel inside the Winograd GEMM (plus its transforms and
+# the upsampled copy). Merged when the taps cost at least this factor more: with F(6x6) a 2x-upsampled group
+# (9 vs 7.1 rows per low-res pixel) is merged, with F(4x4) (9 vs 9) and from 4x upsampling (9 vs 28) not.
+# Measured, 512 ch, 64² -> 128²: taps + shift-add 134 ms, merged into F(6x6) 108 + 5 ms upsample.
+WINOGRAD_MERGE_MARGIN = 1.15
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -123,6 +130,15 @@ def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
     ):
         return 0
     return 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
+
+
+def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, ...]) -> bool:
+    """Whether an input group at ``low_size``, upsampled to ``size``, should be convolved at full size
+    inside the F(tile x tile) Winograd conv of the other groups rather than as low-resolution taps."""
+    if not tile:
+        return False
+    per_output = ((tile + 2) / tile) ** 2
+    return 9 * low_size[0] * low_size[1] >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
 
 
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:

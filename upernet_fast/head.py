@@ -21,7 +21,7 @@ from . import dispatch
 from .config import UperNetConfig
 from .folding import cached, fold_batchnorm
 from .kernels import conv3x3_taps_weight
-from .kernels.winograd import winograd_weight
+from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 
 def _conv(
@@ -136,10 +136,26 @@ class UperNetHead(nn.Module):
     ) -> torch.Tensor:
         """`module(cat([direct, *(upsample(t) for t in low)]))` without the upsampled concat: the direct
         group is convolved at full size, each low-resolution group is mixed into its nine taps at its own
-        size and upsample-shift-added into the same buffer (DESIGN.md §4)."""
+        size and upsample-shift-added into the same buffer (DESIGN.md §4). When the direct conv runs as
+        Winograd and `dispatch.merge_into_winograd` says so, the first low group is instead upsampled and
+        convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
-        name = f"direct{direct.shape[1]}_{len(low)}"
-        out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
+        size = direct.shape[2:]
+        tile = dispatch.winograd_tile(ops, direct, w_direct, 1)
+        if low and dispatch.merge_into_winograd(tile, low[0].shape[2:], size):
+            first = direct.shape[1]
+            u = cached(
+                module,
+                f"winograd{tile}_merged{first}_{len(low)}",
+                module.sources,
+                lambda: winograd_weight(module.folded()[0][:, : first + self.channels], tile),
+            )
+            up = ops.resize_bilinear(low[0], size)
+            out = conv3x3_winograd_pair(direct, up.to(direct.dtype), u, bias.to(direct.dtype), False)
+            low, w_taps = low[1:], w_taps[1:]
+        else:
+            name = f"direct{direct.shape[1]}_{len(low)}"
+            out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
         for feat, wt in zip(low, w_taps, strict=True):
             out = ops.upsample_shift_add(ops.conv_bn_relu(feat, wt, None, 0, False), out.shape[2:], out=out)
         return F.relu_(out)

@@ -2,7 +2,9 @@
  * (see winograd.py for the algorithm and the matrices).
  *
  * Layouts (float32, element strides): the input x and output y are NHWC with unit channel stride; the
- * transformed tiles V are (A*A, n, C) and the filter products M are (A*A, n, Cout), A = m + 2 points per
+ * transformed tiles V are (A*A, n, ldv) (the C channels of x at V's start: callers transform several
+ * inputs into one V, each at its channel offset, i.e. a channel concatenation that never exists in
+ * memory) and the filter products M are (A*A, n, Cout), A = m + 2 points per
  * axis, n = tiles in the block, tile t = (b * rows + i) * tw + j covering output rows m * (row0 + i) ..
  * +m-1 and columns m * j .. +m-1 (edge tiles clipped on output, zero-padded on input).
  * Tiles are split across `threads` OpenMP threads: built with -fopenmp after PyTorch is loaded, this binds
@@ -79,7 +81,7 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
  * wino_f{M}3_output: Aᵀ m A of tiles [0, n) of M, + bias, ReLU, scattered into y (clipped at the edges). */
 #define WINOGRAD(M, BT, AT)                                                                                 \
     void wino_f##M##3_input(const float *x, long sb, long sh, long sw, int H, int W, int C, int row0,       \
-                            int rows, int tw, long n, int threads, float *V) {                              \
+                            int rows, int tw, long n, int threads, float *V, long ldv) {                    \
         enum { A = M + 2 };                                                                                 \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                   \
         for (long t = 0; t < n; t++) {                                                                      \
@@ -103,7 +105,7 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
                 for (int v = 0; v < A; v++) BT(d + v * CB, A * CB, tmp + v * CB, A * CB, cb);               \
                 /* along the columns of each row k: point (k, l) straight into V */                         \
                 for (int k = 0; k < A; k++)                                                                 \
-                    BT(tmp + k * A * CB, CB, V + ((long)(k * A) * n + t) * C + c0, n * C, cb);              \
+                    BT(tmp + k * A * CB, CB, V + ((long)(k * A) * n + t) * ldv + c0, n * ldv, cb);          \
             }                                                                                               \
         }                                                                                                   \
     }                                                                                                       \
