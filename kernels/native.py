@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ._memory import switched_off
+
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
 SOURCES = (Path(__file__).parent / "csrc" / "winograd.c", Path(__file__).parent / "csrc" / "resize.c")
@@ -51,8 +53,8 @@ _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 
 def enabled() -> bool:
-    """False when ``UPERNET_FAST_NATIVE`` is ``0``/``false``/``off``."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+    """False when ``UPERNET_FAST_NATIVE`` is ``0``/``false``/``off``/``no``."""
+    return not switched_off(ENV_VAR)
 
 
 def _flag_sets() -> list[list[str]]:
@@ -99,8 +101,8 @@ def _build(cc: str, flags: list[str]) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled helpers, or None (disabled, not a Linux/macOS x86/arm machine, no compiler, build
-    failure: warned once)."""
+    """The compiled helpers, or None (switched off, not Linux/macOS, or, warned once: no compiler or a
+    failed build)."""
     if not enabled() or not sys.platform.startswith(("linux", "darwin")):
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

@@ -13,8 +13,9 @@ built, else in PyTorch (Kronecker-matrix GEMMs plus copies). Activations are cha
 move as contiguous channel vectors; tiles are processed in row blocks of about `TARGET_TILES`, whose
 workspaces are reused by every block.
 
-Not exact: the transforms amplify rounding. Measured fp32 error against a float64 conv, 512 channels,
-relative to the output's max: F(4x4) ~1e-5, F(6x6) ~3e-5, the direct conv ~5e-7.
+Not exact: the transforms amplify rounding. Measured fp32 error against a float64 conv, relative to the
+output's max, 512 channels at 128²: F(4x4) 6.6e-6, F(6x6) 1.0e-5, the direct fp32 conv 4.5e-6 (at 16-70
+channels: 2-4e-6, 4-6e-6 and 2-8e-7).
 """
 
 from __future__ import annotations

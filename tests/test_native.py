@@ -59,6 +59,9 @@ def test_switches_are_read_from_the_environment():
         "from upernet_fast.kernels import _memory, native; "
         "print(_memory._madvise is None, native.library() is None)"
     )
-    env = {**os.environ, "UPERNET_FAST_HUGEPAGES": "0", native.ENV_VAR: "0"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr
+    for value in ("0", "off"):  # both switches take the same spellings (kernels/_memory.switched_off)
+        env = {**os.environ, "UPERNET_FAST_HUGEPAGES": value, native.ENV_VAR: value}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert run.stdout.split() == ["True", "True"], value + run.stdout + run.stderr
