@@ -1,7 +1,5 @@
 from setuptools import setup
 
-# `kernels/` is installed as `upernet_fast.kernels`: a top-level `kernels` module would shadow
-# Hugging Face's `kernels` distribution, which transformers imports when present.
 setup(
     name="upernet_fast",
     version="0.1.0",
@@ -10,8 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["upernet_fast", "upernet_fast.backbones", "upernet_fast.kernels"],
-    package_dir={"upernet_fast.kernels": "kernels"},
-    package_data={"upernet_fast": ["assets/*"], "upernet_fast.kernels": ["csrc/*.c"]},
+    package_data={"upernet_fast": ["assets/*", "assets/*/*"], "upernet_fast.kernels": ["csrc/*.c"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "triton", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={

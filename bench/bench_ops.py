@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from upernet_fast import dispatch
-from upernet_fast.kernels import conv3x3_taps_weight, fold_batchnorm
+from upernet_fast.folding import fold_batchnorm_tensors
+from upernet_fast.kernels import conv3x3_taps_weight
 from upernet_fast.kernels.winograd import winograd_weight
 
 
@@ -79,7 +80,7 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
         w = _rand(C, C, k, k, device=device, seed=1, scale=(C * k * k) ** -0.5)
         gamma, beta = _rand(C, device=device, seed=2).abs() + 0.5, _rand(C, device=device, seed=3)
         mean, var = _rand(C, device=device, seed=4), _rand(C, device=device, seed=5).abs() + 0.5
-        wf, bf = fold_batchnorm(w, None, gamma, beta, mean, var, 1e-5)
+        wf, bf = fold_batchnorm_tensors(w, None, gamma, beta, mean, var, 1e-5)
         pad = k // 2
 
         def unfused(x=x, w=w, gamma=gamma, beta=beta, mean=mean, var=var, pad=pad):

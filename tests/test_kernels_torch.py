@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from upernet_fast import dispatch
+from upernet_fast.folding import fold_batchnorm_tensors
 from upernet_fast.kernels import (
     adaptive_pool_multi,
     conv3x3_taps_weight,
     conv_bn_relu,
-    fold_batchnorm,
     resize_argmax,
     resize_bilinear,
     topdown_add,
@@ -71,13 +71,15 @@ def test_fold_batchnorm_matches_conv_bn(conv_bias: bool) -> None:
         bn.weight.copy_(rand(5, seed=3, dtype=torch.float64))
         bn.bias.copy_(rand(5, seed=4, dtype=torch.float64))
     x = rand(2, 6, 7, 9, dtype=torch.float64)
-    w, b = fold_batchnorm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    w, b = fold_batchnorm_tensors(
+        conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )
     with torch.no_grad():
         assert_close(F.conv2d(x, w, b, padding=1), bn(conv(x)), 1e-12, "folded conv vs conv+bn (fp64)")
     # float32 inputs: folded in float64, rounded once.
     args32 = [t.float() if t is not None else None for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
-    w32, b32 = fold_batchnorm(*args32, bn.running_mean.float(), bn.running_var.float(), bn.eps)
-    w64, b64 = fold_batchnorm(
+    w32, b32 = fold_batchnorm_tensors(*args32, bn.running_mean.float(), bn.running_var.float(), bn.eps)
+    w64, b64 = fold_batchnorm_tensors(
         *[t.double() if t is not None else None for t in args32],
         bn.running_mean.float().double(),
         bn.running_var.float().double(),

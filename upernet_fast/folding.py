@@ -38,16 +38,30 @@ def cached(owner: object, name: str, sources: Sequence[torch.Tensor | None], bui
     return entry[1]
 
 
-def fold_batchnorm(
+def fold_batchnorm_tensors(
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    bn: torch.nn.BatchNorm2d,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv → BN(eval) as one conv: W' = W·γ/σ, b' = (b − μ)·γ/σ + β, computed in float64 then cast back."""
+    """conv → BN(eval) as one conv: W' = W·γ/σ, b' = (b − μ)·γ/σ + β with σ = sqrt(var + eps), computed in
+    float64 and cast back to the conv weight's dtype (one rounding)."""
     dtype = conv_weight.dtype
     w = conv_weight.detach().double()
-    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    scale = bn_weight.detach().double() / torch.sqrt(running_var.detach().double() + eps)
     bias = conv_bias.detach().double() if conv_bias is not None else torch.zeros_like(scale)
     w_folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b_folded = (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
+    b_folded = (bias - running_mean.detach().double()) * scale + bn_bias.detach().double()
     return w_folded.to(dtype).contiguous(), b_folded.to(dtype).contiguous()
+
+
+def fold_batchnorm(
+    conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, bn: torch.nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fold_batchnorm_tensors`` with the statistics and affine of ``bn``."""
+    return fold_batchnorm_tensors(
+        conv_weight, conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )

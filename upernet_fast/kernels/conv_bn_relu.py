@@ -33,25 +33,7 @@ from ._common import check_triton_tensors, out_memory_format, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .winograd import conv3x3_winograd
 
-__all__ = ["fold_batchnorm", "conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
-
-
-def fold_batchnorm(
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None,
-    bn_weight: torch.Tensor,
-    bn_bias: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the single conv equal to ``bn(conv(x))`` in eval mode (float64 math, cast back)."""
-    dtype = conv_weight.dtype
-    scale = bn_weight.double() / torch.sqrt(running_var.double() + eps)
-    weight = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
-    bias = torch.zeros_like(scale) if conv_bias is None else conv_bias.double()
-    bias = (bias - running_mean.double()) * scale + bn_bias.double()
-    return weight.to(dtype), bias.to(dtype)
+__all__ = ["conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
 
 
 @triton.jit
