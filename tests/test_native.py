@@ -65,3 +65,29 @@ def test_switches_are_read_from_the_environment():
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert run.stdout.split() == ["True", "True"], value + run.stdout + run.stderr
+
+
+def test_build_is_keyed_by_the_isa_and_cpu(fresh_library, monkeypatch):
+    """The binary is built for this CPU's vector ISA, and a cache written on another CPU (other model name
+    or ISA) is never loaded here: its key differs, so this machine builds its own."""
+    assert native.isa() in native.ISA_FLAGS
+    flags = native.cpu_flags()
+    if flags:  # the ISA follows the CPU's own flags
+        expected = (
+            "avx512"
+            if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
+            else "avx2"
+            if {"avx2", "fma"} <= flags
+            else "baseline"
+        )
+        assert native.isa() == expected
+    assert native.library() is not None
+    (built,) = fresh_library.glob("upernet_fast_native-*.so")
+    assert built.name.startswith(f"upernet_fast_native-{native.isa()}-")
+    for flag in native.ISA_FLAGS[native.isa()]:
+        assert flag in native._flag_sets()[0]
+    # The same sources seen from another CPU model: another file name, so another build.
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "cpu_model", lambda: "Some Other CPU @ 1.0GHz")
+    assert native.library() is not None
+    assert len(list(fresh_library.glob("upernet_fast_native-*.so"))) == 2

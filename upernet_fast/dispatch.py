@@ -141,6 +141,32 @@ def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, .
     return 9 * low_size[0] * low_size[1] >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
+_warned_emulated: set[str] = set()
+
+
+def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
+    """Warn once per process when a bfloat16 model runs on a CPU without native bf16 (it works, but
+    oneDNN then emulates bf16 and it is slower than float32)."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or "bf16" in _warned_emulated or native_bf16():
+        return
+    _warned_emulated.add("bf16")
+    import warnings
+
+    warnings.warn(
+        "upernet_fast: this CPU has no native bfloat16 (no AVX512-BF16/AMX): bf16 is emulated and slower "
+        "than float32 here; load the model in float32 for speed",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:
     """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device`` (default CPU).
 

@@ -147,10 +147,13 @@ class FastUperNet(nn.Module):
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
 
         ops = self.ops_for(pixel_values.device)
+        if not torch.compiler.is_compiling():
+            dispatch.warn_if_emulated(pixel_values.dtype, pixel_values.device)
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
         # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).
+        # The head returns float32 logits whatever the compute dtype (see UperNetHead.classify).
         logits = ops.resize_bilinear(self.decode_head(features, ops).contiguous(), pixel_values.shape[2:])
 
         loss = None

@@ -147,7 +147,7 @@ def _gemm_1x1(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         weight.shape[2:] == (1, 1)
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and c_out >= 256
         and b * c_out * h * w * 4 >= MIN_BYTES
         and x.permute(0, 2, 3, 1).is_contiguous()

@@ -6,9 +6,12 @@
   GEMMs between the transforms stay on MKL.
 - ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop).
 
-Build: ``cc -O3 -shared -fPIC -fopenmp`` (plus ``-mavx2 -mfma`` when PyTorch reports AVX2 or better) into
-``$UPERNET_FAST_CACHE`` (default ``~/.cache/upernet_fast``), keyed by a hash of the source, compiler and
-flags, so later processes load it at once. No compiler, a failed build or ``UPERNET_FAST_NATIVE=0``: the
+Build: ``cc -O3 -shared -fPIC -fopenmp`` plus the vector ISA of the machine that runs it (``isa()``:
+AVX-512 → ``-mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma -mprefer-vector-width=512``, AVX2 →
+``-mavx2 -mfma``, else baseline x86-64/aarch64), into ``$UPERNET_FAST_CACHE`` (default
+``~/.cache/upernet_fast``). The file name carries the ISA and a hash of the sources, compiler, flags and the
+CPU's model name, so a cache shared between machines never hands one CPU a binary built for another, and
+later processes on the same machine load it at once. No compiler, a failed build or ``UPERNET_FAST_NATIVE=0``: the
 callers keep their PyTorch paths (a warning says why, once). The C loops are OpenMP-parallel over tiles with
 ``torch.get_num_threads()`` threads; loaded after PyTorch, the library binds to PyTorch's own ``libgomp``
 (same soname), so both share one thread pool. (Python threads calling the C code measured 2-4x slower per
@@ -57,11 +60,66 @@ def enabled() -> bool:
     return not switched_off(ENV_VAR)
 
 
+ISA_FLAGS = {
+    "avx512": [
+        "-mavx2",
+        "-mfma",
+        "-mavx512f",
+        "-mavx512vl",
+        "-mavx512bw",
+        "-mavx512dq",
+        "-mprefer-vector-width=512",
+    ],
+    "avx2": ["-mavx2", "-mfma"],
+    "baseline": [],
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def isa() -> str:
+    """The vector ISA the helpers are built for here: ``avx512`` (F+VL+BW+DQ), ``avx2`` (with FMA) or
+    ``baseline``. Read from the CPU itself, falling back to PyTorch's own capability check."""
+    flags = cpu_flags()
+    if not flags:
+        cap = torch.backends.cpu.get_cpu_capability()
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "baseline")
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "baseline"
+
+
 def _flag_sets() -> list[list[str]]:
     """Compiler flags to try in order: with OpenMP, then without (the transforms then run on one thread)."""
-    flags = ["-O3", "-shared", "-fPIC", "-std=gnu99"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+    flags = ["-O3", "-shared", "-fPIC", "-std=gnu99", *ISA_FLAGS[isa()]]
     return [[*flags, "-fopenmp"], flags]
 
 
@@ -74,8 +132,9 @@ def _cache_dir() -> Path:
 
 def _build(cc: str, flags: list[str]) -> Path:
     src = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"upernet_fast_native-{key}.so"
+    machine = f"{cpu_model()}|{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}"
+    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + machine.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
