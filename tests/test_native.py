@@ -59,7 +59,7 @@ def test_switches_are_read_from_the_environment():
         "from upernet_fast.kernels import _memory, native; "
         "print(_memory._madvise is None, native.library() is None)"
     )
-    for value in ("0", "off"):  # both switches take the same spellings (kernels/_memory.switched_off)
+    for value in ("0", "off"):  # one parser for every switch (kernels/_common.env_switch)
         env = {**os.environ, "UPERNET_FAST_HUGEPAGES": value, native.ENV_VAR: value}
         run = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

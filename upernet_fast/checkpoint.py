@@ -162,19 +162,21 @@ def load(
     dtype: torch.dtype | None = None,
     backend: str | None = None,
     winograd: bool | None = None,
+    tune: bool | None = None,
     strict: bool = True,
 ) -> FastUperNet:
     """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
 
-    `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`) and `winograd` (None reads
-    `UPERNET_FAST_WINOGRAD`, default on) choose the fast paths; see `upernet_fast.dispatch`."""
+    `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
+    `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
+    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`."""
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None or getattr(config, "model_type", None) != "upernet":
             raise TypeError(
                 f"expected a transformers UperNetForSemanticSegmentation, got {type(source).__name__}"
             )
-        model = FastUperNet(UperNetConfig.from_any(config), backend=backend, winograd=winograd)
+        model = FastUperNet(UperNetConfig.from_any(config), backend=backend, winograd=winograd, tune=tune)
         entries = {k: _Entry(v.shape, (lambda v=v: v)) for k, v in source.state_dict().items()}
         copy_state_dict(model, entries, strict=strict)
     else:
@@ -191,7 +193,7 @@ def load(
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory (expected config.json + weights inside)")
         config = UperNetConfig.from_any(path / "config.json")
-        model = FastUperNet(config, backend=backend, winograd=winograd)
+        model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune)
         files = _weight_files(path)
         entries: dict[str, _Entry] = {}
         for f in files:

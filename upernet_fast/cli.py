@@ -149,7 +149,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = load_model(args.source, **_fast_path_kwargs(args))
     print(f"source: {args.source or default_model_path()}  ({type(model).__module__}.{type(model).__name__})")
     print(describe(model))
+    if args.plan:
+        print(format_plan(model, *args.plan_size))
     return 0
+
+
+def format_plan(model, height: int, width: int) -> str:
+    """The machine, the model-wide switches and, per decode-head layer, the implementation and why."""
+    from .kernels import native
+    from .tuning import machine_key
+
+    m = machine_key()
+    lines = [
+        f"plan for {height}x{width} on {m['cpu']} ({m['isa']}, {m['threads']} threads, torch {m['torch']}; "
+        f"native bf16: {dispatch.native_bf16()}; C helpers: {'built' if native.library() else 'off'})",
+        f"  dtype {model.dtype}, backend {model.backend}, winograd {model.winograd}, tune {model.tune}",
+    ]
+    for entry in model.plan(height, width):
+        lines.append(f"  {entry['layer']}  {entry['part']}\n      {entry['impl']}  ({entry['why']})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -222,10 +240,29 @@ def _add_fast_path_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no Winograd convolutions (every conv exact to fp32 rounding; slower on CPU)",
     )
+    parser.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="use the built-in fast-path rules instead of measuring them on this CPU (UPERNET_FAST_TUNE=0)",
+    )
 
 
 def _fast_path_kwargs(args: argparse.Namespace) -> dict:
-    return {"backend": args.backend, "winograd": False if args.exact else None}
+    return {
+        "backend": args.backend,
+        "winograd": False if args.exact else None,
+        "tune": False if args.no_tune else None,
+    }
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x683, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="architecture, parameter count and labels of a model")
     info.add_argument("source", nargs="?", default=None, help="default: embedded model")
+    info.add_argument(
+        "--plan", action="store_true", help="print which implementation each head layer runs, and why"
+    )
+    info.add_argument(
+        "--plan-size", type=_size, default=(512, 512), metavar="HxW", help="input size of the plan (512x512)"
+    )
     _add_fast_path_options(info)
     info.set_defaults(func=cmd_info)
 

@@ -11,9 +11,11 @@ Per-op choice, strongest first:
   3. the model-wide ``backend``.
 
 Winograd (CPU, beyond exact): the PyTorch path of ``conv_bn_relu`` can compute the head's large 3x3 convs
-by Winograd F(4x4, 3x3) or F(6x6, 3x3) (``kernels/winograd.py``: 2.5-3.8x faster than oneDNN on AVX2,
-error ~1e-5 relative). ``winograd_tile`` is the one rule for when and which; ``UPERNET_FAST_WINOGRAD=0``
-(or ``load(..., winograd=False)``) keeps every conv exact.
+by Winograd F(4x4, 3x3) or F(6x6, 3x3) (``kernels/winograd.py``, error ~1e-5 relative). ``winograd_choice``
+is the one place that decides when and which: measured on this machine (``upernet_fast.tuning``) or, with
+``UPERNET_FAST_TUNE=0`` / ``load(..., tune=False)``, by the default rules below. ``UPERNET_FAST_WINOGRAD=0``
+(or ``load(..., winograd=False)``) keeps every conv exact. Each decision, with its reason, is noted for
+``FastUperNet.plan()`` (``upernet-fast info --plan``).
 
 Typical use in the model layer::
 
@@ -31,7 +33,8 @@ from typing import Literal
 
 import torch
 
-from . import kernels
+from . import kernels, tuning
+from .kernels._common import env_switch, interpreting
 
 __all__ = [
     "BACKENDS",
@@ -45,25 +48,32 @@ __all__ = [
     "override",
     "resolve_backend",
     "merge_into_winograd",
+    "native_bf16",
+    "record",
+    "recording",
+    "tune_default",
+    "warn_if_emulated",
+    "winograd_choice",
     "winograd_default",
     "winograd_tile",
 ]
 
 ENV_VAR = "UPERNET_FAST_BACKEND"
 WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
-# (min channels, min map side) where Winograd F(4x4,3x3) measured faster than oneDNN's direct 3x3 conv
-# (+ bias + ReLU), channels-last, 2 threads, AVX2, ms oneDNN / Winograd:
-#   128 ch: 8² 0.24/0.29, 16² 0.53/0.50, 32² 1.66/1.20;  256 ch: 8² 0.77/0.56, 16² 1.99/1.08, 32² 6.53/3.19;
-#   512 ch: 8² 3.84/2.62, 16² 8.76/4.53, 32² 27.6/11.0, 128² ~430/~190.
+TUNE_ENV_VAR = "UPERNET_FAST_TUNE"
+# Default rules, used when tuning is off (UPERNET_FAST_TUNE=0, load(tune=False)) or while compiling; with
+# tuning on, `tuning.winograd_tile` measures the choice on the machine. Chosen to be right on AVX2 and
+# AVX-512 machines alike (measured tables: bench/results/):
+# (min channels, min map side) from which Winograd beats the direct conv ...
 WINOGRAD_WINS = ((256, 8), (128, 16))
-# From this map side on, F(6x6, 3x3) (fewer GEMM flops, 8x8 transforms) beats F(4x4, 3x3); ms F(4x4) / F(6x6),
-# 512 ch, C transforms: 128² 131.5/113.7, 64² 33.6/30.9, 32² 9.9/11.8, 16² 4.2/7.4.
+# ... and the map side from which F(6x6) is used instead of F(4x4) (AVX2: F(6x6) faster from 64 px;
+# AVX-512: within 10% of F(4x4) at 64-128 px).
 WINOGRAD_F6_MIN_SIDE = 64
 # An upsampled input group of a Winograd bottleneck costs 9 tap GEMM rows per low-resolution pixel (plus the
 # shift-add) as taps, and (m+2)²/m² rows per output pixel inside the Winograd GEMM (plus its transforms and
 # the upsampled copy). Merged when the taps cost at least this factor more: with F(6x6) a 2x-upsampled group
 # (9 vs 7.1 rows per low-res pixel) is merged, with F(4x4) (9 vs 9) and from 4x upsampling (9 vs 28) not.
-# Measured, 512 ch, 64² -> 128²: taps + shift-add 134 ms, merged into F(6x6) 108 + 5 ms upsample.
+# A flop-count rule (the GEMMs dominate on every CPU measured), not tuned.
 WINOGRAD_MERGE_MARGIN = 1.15
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
@@ -105,31 +115,67 @@ def default_backend() -> str:
 
 
 def winograd_default() -> bool:
-    """``UPERNET_FAST_WINOGRAD`` if set (``0``/``false``/``off`` disable), else enabled."""
-    value = os.environ.get(WINOGRAD_ENV_VAR, "").strip().lower()
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{WINOGRAD_ENV_VAR}={value!r} is not a switch; use 1 or 0")
+    """The switch ``UPERNET_FAST_WINOGRAD`` (default on)."""
+    return env_switch(WINOGRAD_ENV_VAR)
+
+
+def tune_default() -> bool:
+    """The switch ``UPERNET_FAST_TUNE`` (default on): measure CPU-dependent choices on this machine."""
+    return env_switch(TUNE_ENV_VAR)
+
+
+# Plan recording (`FastUperNet.plan`): (owner module, part, implementation, why) per decision while active.
+_recorder: list[tuple[object, str, str, str]] | None = None
+
+
+def record(owner: object, part: str, impl: str, why: str) -> None:
+    """Note one implementation decision for the plan being recorded (no-op otherwise)."""
+    if _recorder is not None:
+        _recorder.append((owner, part, impl, why))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[object, str, str, str]]]:
+    """Collect the decisions `record` notes inside the block."""
+    global _recorder
+    saved, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = saved
+
+
+def winograd_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, str]:
+    """(tile, why): the Winograd output tile (4 or 6) a stride-1 conv of ``x`` with ``weight`` runs with,
+    or 0 for the exact (direct) conv. Winograd only on the PyTorch path, on CPU float32, for 3x3 kernels
+    with padding 1; then measured on this machine (``tuning``) unless tuning is off, else the default rule
+    (``WINOGRAD_WINS``, ``WINOGRAD_F6_MIN_SIDE``)."""
+    c_out, c_in, kh, kw = weight.shape
+    if not ops.winograd:
+        return 0, "exact: Winograd switched off (winograd=False / UPERNET_FAST_WINOGRAD=0)"
+    if (kh, kw, padding) != (3, 3, 1):
+        return 0, "direct: Winograd is for 3x3 kernels with padding 1"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return 0, f"direct: Winograd runs on CPU float32 only ({x.device.type}, {x.dtype})"
+    if ops.backend_of("conv_bn_relu") != "torch":
+        return 0, "direct: Triton backend"
+    h, w = x.shape[2:]
+    prefix = "default rule"
+    if ops.tune and not torch.compiler.is_compiling():
+        tile, why = tuning.winograd_tile(c_in, c_out, h, w)
+        if tile >= 0:
+            return tile, why
+        prefix += f" ({why})"
+    side = min(h, w)
+    if not any(min(c_in, c_out) >= c and side >= s for c, s in WINOGRAD_WINS):
+        return 0, f"{prefix}: direct below {WINOGRAD_WINS} (min channels, min side)"
+    tile = 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
+    return tile, f"{prefix}: F({tile}x{tile}) {'from' if tile == 6 else 'below'} {WINOGRAD_F6_MIN_SIDE} px"
 
 
 def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> int:
-    """The Winograd output tile (4 or 6) a stride-1 conv of ``x`` with ``weight`` should run with, or 0 for
-    the exact conv: Winograd only on the PyTorch path, on CPU float32, for 3x3 kernels with padding 1 and
-    sizes where it measured faster (``WINOGRAD_WINS``); F(6x6) from ``WINOGRAD_F6_MIN_SIDE``."""
-    c_out, c_in, kh, kw = weight.shape
-    side = min(x.shape[2:])
-    if not (
-        ops.winograd
-        and (kh, kw, padding) == (3, 3, 1)
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and any(min(c_in, c_out) >= c and side >= s for c, s in WINOGRAD_WINS)
-        and ops.backend_of("conv_bn_relu") == "torch"
-    ):
-        return 0
-    return 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
+    """The tile of ``winograd_choice`` (0: direct conv)."""
+    return winograd_choice(ops, x, weight, padding)[0]
 
 
 def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, ...]) -> bool:
@@ -182,7 +228,7 @@ def resolve_backend(backend: str | None, device: torch.device | str | None = Non
     if dev.type == "cuda":
         return "triton"
     if dev.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if not interpreting():
             raise RuntimeError(
                 "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
                 "environment before importing upernet_fast (or use backend='torch' / 'auto')"
@@ -228,10 +274,12 @@ class Ops:
         device: torch.device | str | None,
         overrides: Mapping[str, str] | None = None,
         winograd: bool | None = None,
+        tune: bool | None = None,
     ) -> None:
         self.backend = default_backend() if backend is None else check_backend(backend)
         self.device = torch.device("cpu" if device is None else device)
         self.winograd = winograd_default() if winograd is None else bool(winograd)
+        self.tune = tune_default() if tune is None else bool(tune)
         self.overrides = dict(overrides or {})
         for name, choice in self.overrides.items():
             _check_op(name)
@@ -252,7 +300,7 @@ class Ops:
     def __repr__(self) -> str:
         return (
             f"Ops(backend={self.backend!r}, device={str(self.device)!r}, overrides={self.overrides}, "
-            f"winograd={self.winograd})"
+            f"winograd={self.winograd}, tune={self.tune})"
         )
 
 
@@ -261,7 +309,8 @@ def ops_for(
     device: torch.device | str | None = None,
     overrides: Mapping[str, str] | None = None,
     winograd: bool | None = None,
+    tune: bool | None = None,
 ) -> Ops:
-    """The ops for tensors on ``device`` (see ``Ops``); ``backend=None`` reads ``UPERNET_FAST_BACKEND``,
-    ``winograd=None`` reads ``UPERNET_FAST_WINOGRAD``."""
-    return Ops(backend, device, overrides, winograd)
+    """The ops for tensors on ``device`` (see ``Ops``); ``None`` reads ``UPERNET_FAST_BACKEND``,
+    ``UPERNET_FAST_WINOGRAD`` and ``UPERNET_FAST_TUNE``."""
+    return Ops(backend, device, overrides, winograd, tune)

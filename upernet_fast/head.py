@@ -37,10 +37,24 @@ def _conv(
 ) -> torch.Tensor:
     """`ops.conv_bn_relu` with the Winograd weight (cached on `owner` under `name`) when dispatch says so."""
     wino = None
-    tile = dispatch.winograd_tile(ops, x, weight, padding)
+    tile, why = dispatch.winograd_choice(ops, x, weight, padding)
     if tile:
         wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
+    _note(owner, name, x, weight, tile, why, ops)
     return ops.conv_bn_relu(x, weight, bias, padding, relu, wino)
+
+
+def _note(
+    owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor, tile: int, why: str, ops: dispatch.Ops
+) -> None:
+    """Record the conv's implementation for the plan (`FastUperNet.plan`)."""
+    if dispatch._recorder is None:
+        return
+    k = weight.shape[-1]
+    shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
+    backend = ops.backend_of("conv_bn_relu")
+    impl = f"Winograd F({tile}x{tile})" if tile else ("oneDNN/MKL" if backend == "torch" else "Triton")
+    dispatch.record(owner, f"{name}: {shape}", impl, why)
 
 
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
@@ -144,8 +158,9 @@ class UperNetHead(nn.Module):
         convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
         size = direct.shape[2:]
-        tile = dispatch.winograd_tile(ops, direct, w_direct, 1)
+        tile, why = dispatch.winograd_choice(ops, direct, w_direct, 1)
         if low and dispatch.merge_into_winograd(tile, low[0].shape[2:], size):
+            _note(module, "level-0 group + merged upsampled level 1", direct, w_direct, tile, why, ops)
             first = direct.shape[1]
             u = cached(
                 module,
@@ -164,6 +179,12 @@ class UperNetHead(nn.Module):
             # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
             out = out.float()
         for feat, wt in zip(low, w_taps, strict=True):
+            dispatch.record(
+                module,
+                f"upsampled group {feat.shape[1]} ch @ {feat.shape[2]}x{feat.shape[3]} -> {size[0]}x{size[1]}",
+                "low-resolution taps + upsample-shift-add",
+                "exact rewrite (conv3x3 of an upsampled map = shift-add of upsampled taps)",
+            )
             out = ops.upsample_shift_add(ops.conv_bn_relu(feat, wt, None, 0, False), out.shape[2:], out=out)
         return F.relu_(out)
 

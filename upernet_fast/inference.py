@@ -40,6 +40,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     backend: str | None = None,
     winograd: bool | None = None,
+    tune: bool | None = None,
 ) -> nn.Module:
     """A `FastUperNet` from a HF-format directory / hub id (None = the embedded model), in eval mode; a
     module (e.g. a transformers UperNet) is used as it is."""
@@ -48,7 +49,7 @@ def load_model(
     from .checkpoint import load
 
     source = str(default_model_path() if source is None else source)
-    return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
+    return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd, tune=tune)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -189,11 +190,12 @@ class Segmenter:
         dtype: torch.dtype | None = None,
         backend: str | None = None,
         winograd: bool | None = None,
+        tune: bool | None = None,
         **kwargs,
     ) -> Segmenter:
         """Load a model (None = the embedded one) and take its preprocessing from `preprocessor_config.json`
         when the directory has one (input size; in slide mode the crop is that size, stride 2/3 of it)."""
-        model = load_model(source, device=device, dtype=dtype, backend=backend, winograd=winograd)
+        model = load_model(source, device=device, dtype=dtype, backend=backend, winograd=winograd, tune=tune)
         local = Path(str(default_model_path() if source is None else source))
         config = preprocess.read_processor_config(local) if local.is_dir() else None
         if config:

@@ -26,10 +26,13 @@ class FastUperNet(nn.Module):
         config: UperNetConfig | dict[str, Any],
         backend: str | None = None,
         winograd: bool | None = None,
+        tune: bool | None = None,
     ) -> None:
         """`backend`: "auto" | "triton" | "torch" (None: `UPERNET_FAST_BACKEND`, else "auto");
-        `winograd`: Winograd for the head's large 3x3 convs on CPU (None: `UPERNET_FAST_WINOGRAD`, else on).
-        Both are plain attributes: set them later to switch paths (see `upernet_fast.dispatch`)."""
+        `winograd`: Winograd for the head's large 3x3 convs on CPU (None: `UPERNET_FAST_WINOGRAD`, else on);
+        `tune`: measure CPU-dependent choices on this machine once, cached (None: `UPERNET_FAST_TUNE`, else
+        on; off: the default rules). All are plain attributes: set them later to switch paths (see
+        `upernet_fast.dispatch`, `upernet_fast.tuning`)."""
         super().__init__()
         self.config = config if isinstance(config, UperNetConfig) else UperNetConfig.from_any(config)
         self.backbone = build_backbone(self.config.backbone_config)
@@ -41,17 +44,24 @@ class FastUperNet(nn.Module):
         )
         self.backend = dispatch.default_backend() if backend is None else dispatch.check_backend(backend)
         self.winograd = dispatch.winograd_default() if winograd is None else bool(winograd)
+        self.tune = dispatch.tune_default() if tune is None else bool(tune)
         self.eval()
 
     # ------------------------------------------------------------------ construction and IO
     @classmethod
     def from_config(
-        cls, config: Any, *, backend: str | None = None, winograd: bool | None = None, seed: int | None = None
+        cls,
+        config: Any,
+        *,
+        backend: str | None = None,
+        winograd: bool | None = None,
+        tune: bool | None = None,
+        seed: int | None = None,
     ) -> FastUperNet:
         """A randomly initialised model from a dict, a config.json path/directory or a transformers config."""
         if seed is not None:
             torch.manual_seed(seed)
-        return cls(UperNetConfig.from_any(config), backend=backend, winograd=winograd)
+        return cls(UperNetConfig.from_any(config), backend=backend, winograd=winograd, tune=tune)
 
     @classmethod
     def from_pretrained(cls, source: Any, **kwargs: Any) -> FastUperNet:
@@ -82,8 +92,23 @@ class FastUperNet(nn.Module):
     def ops_for(self, device: torch.device | str | None = None) -> dispatch.Ops:
         """The fused ops this model runs on `device` (default: its own), with its backend and Winograd choice."""
         return dispatch.ops_for(
-            self.backend, self.device if device is None else device, winograd=self.winograd
+            self.backend, self.device if device is None else device, winograd=self.winograd, tune=self.tune
         )
+
+    def plan(self, height: int = 512, width: int = 512, batch: int = 1) -> list[dict[str, str]]:
+        """Which implementation each decode-head layer runs for inputs of this size, and why (default
+        rule, measured on this CPU, or forced), as recorded from one forward pass on zeros. Tuning, when
+        on, happens here if this machine never measured these shapes."""
+        x = torch.zeros(
+            batch, self.backbone.num_channels, height, width, dtype=self.dtype, device=self.device
+        )
+        names = {id(m): n for n, m in self.named_modules()}
+        with dispatch.recording() as notes:
+            self(x)
+        return [
+            {"layer": names.get(id(owner), type(owner).__name__), "part": part, "impl": impl, "why": why}
+            for owner, part, impl, why in notes
+        ]
 
     def _check_pixel_values(self, pixel_values: Any) -> None:
         if not isinstance(pixel_values, torch.Tensor):

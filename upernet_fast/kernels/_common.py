@@ -30,9 +30,25 @@ except ImportError:  # the PyTorch paths must keep working without triton
     tl = SimpleNamespace(constexpr=int)
 
 
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """The on/off environment switch ``name`` (``1/true/on/yes`` or ``0/false/off/no``, any case; unset or
+    empty: ``default``). Every switch of this package is read here; anything else is a ``ValueError``."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"{name}={value!r} is not a switch; use 1 or 0 (or true/false, on/off, yes/no)")
+
+
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set: Triton then runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_switch("TRITON_INTERPRET", default=False)
 
 
 def kernels_interpreted() -> bool:

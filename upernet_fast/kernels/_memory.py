@@ -9,17 +9,18 @@ advised ``MADV_HUGEPAGE`` (one fault per 2 MiB). PyTorch only advises its alloca
 ops advise just the buffers they allocate themselves, before first touch. The advice is a per-range hint
 that the kernel may ignore (THP ``never``) and that changes no process-wide setting.
 
-``UPERNET_FAST_HUGEPAGES=0`` (or ``false``/``off``/``no``) turns it off (read at import).
+``UPERNET_FAST_HUGEPAGES=0`` turns it off (read at import; ``_common.env_switch``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 import torch
+
+from ._common import env_switch
 
 HUGEPAGE = 2 * 1024 * 1024
 MIN_BYTES = 4 * HUGEPAGE  # smaller buffers gain little and may not hold one whole aligned huge page
@@ -29,14 +30,8 @@ _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 ENV_VAR = "UPERNET_FAST_HUGEPAGES"
 
 
-def switched_off(name: str) -> bool:
-    """Whether the on/off environment switch ``name`` is set to ``0``/``false``/``off``/``no`` (the kernels'
-    switches default to on)."""
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
-
-
 def _load_madvise():
-    if not sys.platform.startswith("linux") or switched_off(ENV_VAR):
+    if not sys.platform.startswith("linux") or not env_switch(ENV_VAR):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

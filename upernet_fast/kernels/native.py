@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ._memory import switched_off
+from ._common import env_switch
 
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
@@ -56,8 +56,8 @@ _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 
 def enabled() -> bool:
-    """False when ``UPERNET_FAST_NATIVE`` is ``0``/``false``/``off``/``no``."""
-    return not switched_off(ENV_VAR)
+    """False when the switch ``UPERNET_FAST_NATIVE`` is off."""
+    return env_switch(ENV_VAR)
 
 
 ISA_FLAGS = {
@@ -123,7 +123,8 @@ def _flag_sets() -> list[list[str]]:
     return [[*flags, "-fopenmp"], flags]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """``$UPERNET_FAST_CACHE``, else ``$XDG_CACHE_HOME/upernet_fast`` or ``~/.cache/upernet_fast``."""
     base = os.environ.get(CACHE_ENV_VAR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "upernet_fast"
     )
@@ -134,7 +135,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     src = b"".join(path.read_bytes() for path in SOURCES)
     machine = f"{cpu_model()}|{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}"
     key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + machine.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"
+    target = cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

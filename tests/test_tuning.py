@@ -1,0 +1,97 @@
+"""Measured implementation choices (upernet_fast.tuning): the calibration itself, its cache, the switch,
+the plan printout, and parity with transformers for every plan the calibration can pick."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import upernet_fast
+from conftest import compare_logits, make_reference
+from upernet_fast import dispatch, tuning
+from upernet_fast.kernels import native
+
+REL_TOL = 1e-4
+
+
+@pytest.fixture
+def tuning_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    tuning._table.cache_clear()
+    yield tmp_path
+    tuning._table.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def wide_reference():
+    return make_reference("convnext", hidden_size=128, num_labels=7, auxiliary_channels=16)
+
+
+def test_calibration_measures_once_and_is_cached_per_machine(tuning_cache, monkeypatch, capsys):
+    calls = []
+    real = tuning.measure_conv3x3
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(tuning, "measure_conv3x3", spy)
+    assert tuning.winograd_tile(8, 8, 20, 20) == (-1, "too small to time reliably")
+    assert calls == []
+    tile, why = tuning.winograd_tile(64, 64, 20, 300)  # width capped at CAP
+    assert tile in tuning.CANDIDATES and why.startswith("measured on this CPU")
+    assert calls == [(64, 64, 20, tuning.CAP)]
+    assert "tuned conv3x3:64->64@20x128" in capsys.readouterr().err  # the progress line
+    assert tuning.winograd_tile(64, 64, 20, 500) == (tile, why)  # same bucket: no new measurement
+    assert len(calls) == 1
+    (path,) = tuning_cache.glob("tuning-*.json")
+    data = json.loads(path.read_text())
+    assert data["machine"] == tuning.machine_key()
+    entry = data["entries"]["conv3x3:64->64@20x128"]
+    assert entry["tile"] == tile and min(entry["ms"], key=entry["ms"].get) == str(tile)
+    # A new process (fresh in-memory table) reads the file instead of measuring.
+    tuning._table.cache_clear()
+    assert tuning.winograd_tile(64, 64, 20, 300)[0] == tile and len(calls) == 1
+    # Another machine key (e.g. thread count) is another file: never reused across machines.
+    monkeypatch.setattr(tuning, "machine_key", lambda: {**data["machine"], "threads": 99})
+    assert tuning.cache_path() != path
+
+
+def test_tune_switch_uses_the_default_rules(monkeypatch):
+    monkeypatch.setattr(tuning, "winograd_tile", lambda *a: pytest.fail("measured with tuning off"))
+    ops = dispatch.ops_for("torch", "cpu", winograd=True, tune=False)
+    tile, why = dispatch.winograd_choice(ops, torch.empty(1, 512, 64, 64), torch.empty(512, 512, 3, 3), 1)
+    assert (tile, why.split(":")[0]) == (6, "default rule")
+    monkeypatch.setenv(dispatch.TUNE_ENV_VAR, "0")
+    assert upernet_fast.load(make_reference("convnext")).tune is False
+    monkeypatch.setenv(dispatch.TUNE_ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="UPERNET_FAST_TUNE='sometimes' is not a switch"):
+        upernet_fast.load(make_reference("convnext"))
+
+
+@pytest.mark.parametrize("forced", [0, 4, 6])
+def test_every_plan_the_calibration_can_pick_matches_transformers(wide_reference, monkeypatch, forced):
+    """Whatever the measurements say on a machine, the model stays within tolerance: force each
+    candidate for every tuned conv and compare with transformers."""
+    monkeypatch.setattr(tuning, "winograd_tile", lambda *a: (forced, f"forced {forced}"))
+    fast = upernet_fast.load(wide_reference, tune=True)
+    x = torch.randn(1, 3, 133, 197, generator=torch.Generator().manual_seed(3))  # level 0: 33x49
+    with torch.no_grad():
+        compare_logits(wide_reference(x).logits, fast(x).logits, REL_TOL)
+    plan = fast.plan(133, 197)
+    tuned = [p for p in plan if p["why"] == f"forced {forced}"]
+    assert tuned, plan
+    expected = f"Winograd F({forced}x{forced})" if forced else "oneDNN/MKL"
+    assert all(p["impl"] == expected for p in tuned), tuned
+
+
+def test_plan_names_layers_and_reasons(wide_reference):
+    fast = upernet_fast.load(wide_reference, tune=False)
+    plan = fast.plan(96, 128)
+    layers = {p["layer"] for p in plan}
+    assert {"decode_head.fpn_convs.0", "decode_head.fpn_bottleneck", "decode_head.bottleneck"} <= layers
+    assert all(p["impl"] and p["why"] for p in plan)
+    exact = upernet_fast.load(wide_reference, winograd=False).plan(96, 128)
+    assert not any("Winograd" in p["impl"] for p in exact)

@@ -1,0 +1,135 @@
+"""Implementation choices measured on the machine that runs the model, cached per CPU.
+
+Which convolution algorithm is fastest for a layer depends on the CPU: on an AVX2 EPYC, Winograd F(6x6)
+beat F(4x4) for 512-channel 3x3 convs from 64x64 maps on; on an AVX-512 Xeon F(4x4) won at 128x128 and
+F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So the first time a conv
+shape is seen, each candidate (oneDNN's direct conv, Winograd F(4x4), F(6x6)) is timed once on random
+data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
+reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
+in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
+such shapes (2-3 s once, then nothing); every later process on the same machine reads the file.
+
+`UPERNET_FAST_TUNE=0` (or `load(..., tune=False)`) skips the measurements and uses the default rules in
+`upernet_fast.dispatch`, chosen to be right on AVX2 and AVX-512 machines alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .kernels import native
+
+CAP = 128  # largest map side measured
+MIN_MACS = 20e6  # smaller convs (< ~0.2 ms) are not worth timing: their differences are noise
+CANDIDATES = (0, 4, 6)  # direct, F(4x4), F(6x6)
+_VERSION = 1
+
+
+def machine_key() -> dict[str, object]:
+    """What a measurement is valid for."""
+    flags = native.cpu_flags()
+    return {
+        "cpu": native.cpu_model(),
+        "isa": native.isa(),
+        "bf16": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "native": native.library() is not None,
+        "version": _VERSION,
+    }
+
+
+def cache_path() -> Path:
+    key = machine_key()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return native.cache_dir() / f"tuning-{key['isa']}-{key['threads']}t-{digest}.json"
+
+
+@functools.cache
+def _table(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text())
+        return data["entries"] if data.get("machine") == machine_key() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no file yet, or unreadable: measure again
+
+
+def _save(path: Path, table: dict[str, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"machine": machine_key(), "entries": table}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # concurrent processes never read a half-written file
+
+
+def _time_ms(fn, reps: int = 2) -> float:
+    fn()  # warm-up: first-touch of buffers, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def measure_conv3x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
+    """ms of one conv3x3 + bias + ReLU (batch 1, channels-last float32, h x w) per candidate tile."""
+    from .kernels.conv_bn_relu import conv_bn_relu_torch
+    from .kernels.winograd import winograd_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    times = {}
+    with torch.no_grad():
+        for tile in CANDIDATES:
+            u = winograd_weight(weight, tile) if tile else None
+            times[tile] = _time_ms(lambda u=u: conv_bn_relu_torch(x, weight, bias, 1, True, u))
+    return times
+
+
+def winograd_tile(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
+    """(tile, why): the measured-fastest algorithm for a 3x3 float32 conv of this shape on this machine
+    (0 = direct), measuring it now if this machine never has; tile -1 for convs too small to time (the
+    caller then applies its default rule)."""
+    ch, cw = min(h, CAP), min(w, CAP)
+    if 9 * c_in * c_out * ch * cw < MIN_MACS:
+        return -1, "too small to time reliably"
+    name = f"conv3x3:{c_in}->{c_out}@{ch}x{cw}"
+    path = cache_path()
+    table = _table(path)
+    entry = table.get(name)
+    if entry is None:
+        start = time.perf_counter()
+        times = measure_conv3x3(c_in, c_out, ch, cw)
+        best = min(times, key=times.get)
+        entry = {"tile": best, "ms": {str(k): round(v, 3) for k, v in times.items()}}
+        table[name] = entry
+        try:
+            _save(path, table)
+        except OSError as e:  # a read-only cache only costs a re-measurement next time
+            print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
+        print(
+            f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): "
+            f"{describe(entry)}",
+            file=sys.stderr,
+        )
+    return int(entry["tile"]), f"measured on this CPU: {describe(entry)}"
+
+
+TILE_NAMES = {0: "direct", 4: "F(4x4)", 6: "F(6x6)"}
+
+
+def describe(entry: dict) -> str:
+    ms = ", ".join(f"{TILE_NAMES[int(k)]} {v:.3g} ms" for k, v in entry["ms"].items())
+    return f"{ms} -> {TILE_NAMES[int(entry['tile'])]}"
