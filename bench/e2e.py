@@ -1,7 +1,11 @@
 """End-to-end CPU benchmark: upernet_fast against transformers, in one process, interleaved.
 
-Variants: transformers eager, torch.compile(transformers) with inductor freezing (compile time reported
-apart), upernet_fast, torch.compile(upernet_fast). Every timed figure is the median of `--runs` calls after
+Variants: transformers eager (`hf`), torch.compile(transformers) with inductor freezing (`hf-compile`,
+compile time reported apart), upernet_fast (`fast`: default plan, tuned on this machine during the
+warm-up), its exact path (`fast-exact`: no Winograd), torch.compile(upernet_fast) (`fast-compile`),
+transformers and upernet_fast in bfloat16 (`hf-bf16`: `.to(torch.bfloat16)`, `fast-bf16`:
+`load(model, dtype=torch.bfloat16)`), and ONNX Runtime on transformers' graph (`ort`: exported with
+`torch.onnx.export(dynamo=True)` at the benchmarked shape, ORT_ENABLE_ALL, same intra-op threads). Every timed figure is the median of `--runs` calls after
 a warm-up call, the variants taking turns so drift hits all of them alike, with the allocator in its
 default state (as a user runs it). Peak memory is measured afterwards, one extra call per variant: the
 resident-set growth during the call, sampled every millisecond, after switching glibc to a fixed 128 KiB
@@ -11,6 +15,7 @@ from 1.24 s to 1.88 s at ConvNeXt-T 512x512.) Answers are compared with transfor
 relative to max |logit| and argmax agreement.
 
     python bench/e2e.py                      # full matrix (long: ~30+ min on 2 cores)
+                                             # -> bench/results/e2e-<cpu kind>.json
     python bench/e2e.py --quick              # CI smoke run: tiny configs, eager only
     python bench/e2e.py --models convnext-tiny --sizes 512x512 --batches 1 --variants hf,hf-compile,fast
 """
@@ -56,7 +61,9 @@ MODELS: dict[str, dict[str, Any]] = {
         num_labels=19,
     ),
 }
-VARIANTS = ("hf", "hf-compile", "fast", "fast-compile")
+VARIANTS = ("hf", "hf-compile", "fast", "fast-compile", "fast-exact", "hf-bf16", "fast-bf16", "ort")
+# Baselines each variant's ratio is reported against (when they ran in the same config).
+BASELINES = ("hf", "hf-compile", "ort", "hf-bf16")
 
 
 def memory_measurement_mode() -> Any:
@@ -133,30 +140,71 @@ def machine_info() -> dict[str, Any]:
     import numpy
     import transformers
 
-    try:
-        import triton
+    from upernet_fast import dispatch
+    from upernet_fast.kernels import native
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    def version(name: str) -> str | None:
+        try:
+            return __import__(name).__version__
+        except ImportError:
+            return None
+
+    flags = native.cpu_flags()
     return dict(
         platform=platform.platform(),
-        cpu=cpu,
+        cpu=native.cpu_model(),
+        cpu_kind=cpu_kind(),
+        isa=native.isa(),
+        isa_flags=sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        native_bf16=dispatch.native_bf16(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         python=platform.python_version(),
         torch=torch.__version__,
         transformers=transformers.__version__,
-        triton=triton_version,
+        triton=version("triton"),
+        onnxruntime=version("onnxruntime"),
         numpy=numpy.__version__,
         backend="torch (CPU)",
     )
+
+
+def cpu_kind() -> str:
+    """A short name for the kind of CPU (one results file per kind): vendor, vector ISA, AMX."""
+    from upernet_fast.kernels import native
+
+    model = native.cpu_model().lower()
+    vendor = "amd" if ("amd" in model or "epyc" in model) else "intel" if "intel" in model else "cpu"
+    amx = "-amx" if "amx_bf16" in native.cpu_flags() else ""
+    return f"{vendor}-{native.isa()}{amx}"
+
+
+def ort_runner(ref: torch.nn.Module, x: torch.Tensor) -> Any:
+    """transformers' model exported with the dynamo exporter at x's shape, run by ONNX Runtime with
+    ORT_ENABLE_ALL and torch's thread count; returns a function giving the logits as a tensor."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values).logits
+
+    path = os.path.join(tempfile.mkdtemp(prefix="upernet_ort_"), "hf.onnx")
+    torch.onnx.export(
+        Logits(ref), (x,), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"]
+    )
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: torch.from_numpy(session.run(None, feed)[0])
 
 
 def run_config(model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int) -> dict:
@@ -171,6 +219,23 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
         fns["hf"] = lambda: ref(x).logits
     if "fast" in variants:
         fns["fast"] = lambda: fast(x).logits
+    if "fast-exact" in variants:
+        exact = upernet_fast.load(ref, winograd=False)
+        fns["fast-exact"] = lambda: exact(x).logits
+    if "hf-bf16" in variants or "fast-bf16" in variants:
+        import copy
+
+        xb = x.bfloat16()
+        if "hf-bf16" in variants:
+            ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+            fns["hf-bf16"] = lambda: ref_bf16(xb).logits
+        if "fast-bf16" in variants:
+            fast_bf16 = upernet_fast.load(ref, dtype=torch.bfloat16)
+            fns["fast-bf16"] = lambda: fast_bf16(xb).logits
+    if "ort" in variants:
+        t = time.perf_counter()
+        fns["ort"] = ort_runner(ref, x)
+        compile_s["ort"] = time.perf_counter() - t
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
@@ -187,8 +252,10 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
     with torch.no_grad():
         for v, fn in fns.items():  # warm-up (and compilation)
             t = time.perf_counter()
-            outputs[v] = fn().clone()
+            outputs[v] = fn().float().clone()
             if v.endswith("compile"):
+                compile_s[v] = time.perf_counter() - t
+            elif v.startswith("fast"):  # first call: tuning (once per machine) + folding
                 compile_s[v] = time.perf_counter() - t
         for _ in range(runs):
             for v, fn in fns.items():
@@ -204,8 +271,7 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
                 peaks[v] = mem.growth_mb
     reference = outputs.get("hf")
     rows = []
-    base = statistics.median(times["hf"]) if "hf" in times else None
-    base_compile = statistics.median(times["hf-compile"]) if "hf-compile" in times else None
+    bases = {b: statistics.median(times[b]) for b in BASELINES if b in times}
     for v in fns:
         med = statistics.median(times[v])
         row: dict[str, Any] = dict(
@@ -216,10 +282,14 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             median_s=med,
             runs_s=times[v],
             peak_mb=peaks.get(v),
-            speedup_vs_hf=(base / med) if base else None,
-            speedup_vs_hf_compile=(base_compile / med) if base_compile else None,
+            speedup_vs_hf=(bases["hf"] / med) if "hf" in bases else None,
+            speedup_vs_hf_compile=(bases["hf-compile"] / med) if "hf-compile" in bases else None,
+            speedup_vs_ort=(bases["ort"] / med) if "ort" in bases else None,
+            speedup_vs_hf_bf16=(bases["hf-bf16"] / med) if "hf-bf16" in bases else None,
             compile_s=compile_s.get(v),
         )
+        if v == "fast":
+            row["plan"] = fast.plan(*size, batch=batch)
         if reference is not None:
             out = outputs[v]
             diff = (out - reference).abs().max().item()
@@ -253,10 +323,10 @@ def run_config_isolated(
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        "| model | size | batch | variant | median s | x hf eager | x hf compile | peak MB | "
-        "max abs diff (rel) | argmax agree | compile s |"
+        "| model | size | batch | variant | median s | x hf eager | x hf compile | x ort | x hf bf16 | "
+        "peak MB | max abs diff (rel) | argmax agree | compile/first s |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
 
         def fmt(v: Any, spec: str) -> str:
@@ -267,6 +337,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch']} | {r['variant']} | {r['median_s']:.3f} | "
             f"{fmt(r['speedup_vs_hf'], '.2f')} | {fmt(r['speedup_vs_hf_compile'], '.2f')} | "
+            f"{fmt(r.get('speedup_vs_ort'), '.2f')} | {fmt(r.get('speedup_vs_hf_bf16'), '.2f')} | "
             f"{fmt(r['peak_mb'], '.0f')} | {rel} | {agree} | {fmt(r['compile_s'], '.1f')} |"
         )
     return "\n".join(lines)
@@ -279,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--json", default="bench/results/e2e.json", help="where to write the JSON results")
+    p.add_argument("--json", default=None, help="JSON results (default: bench/results/e2e-<cpu kind>.json)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, eager variants, 2 runs")
     p.add_argument("--one-config", help=argparse.SUPPRESS)  # internal: one config, in this process
     args = p.parse_args(argv)
@@ -303,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant/model {unknown}; variants: {VARIANTS}, models: {sorted(MODELS)}")
     info = machine_info()
     print("machine:", json.dumps(info), flush=True)
+    if args.json is None:
+        args.json = f"bench/results/e2e-{info['cpu_kind']}.json"
     rows: list[dict] = []
     for model_name in args.models.split(","):
         for size_s in args.sizes.split(","):
