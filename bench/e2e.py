@@ -16,7 +16,7 @@ relative to max |logit| and argmax agreement.
 
     python bench/e2e.py                      # full matrix (long: ~30+ min on 2 cores)
                                              # -> bench/results/e2e-<cpu kind>.json
-    python bench/e2e.py --quick              # CI smoke run: tiny configs, eager only
+    python bench/e2e.py --quick              # CI smoke run: tiny configs, no torch.compile
     python bench/e2e.py --models convnext-tiny --sizes 512x512 --batches 1 --variants hf,hf-compile,fast
 """
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", default=None, help="JSON results (default: bench/results/e2e-<cpu kind>.json)")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, eager variants, 2 runs")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, every variant but the compiled ones, 2 runs")
     p.add_argument("--one-config", help=argparse.SUPPRESS)  # internal: one config, in this process
     args = p.parse_args(argv)
     if args.one_config:
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "convnext-mini,swin-mini",
             "96x128",
             "1",
-            "hf,fast",
+            "hf,fast,fast-exact,hf-bf16,fast-bf16,ort",
             2,
         )
     variants = [v for v in args.variants.split(",") if v]

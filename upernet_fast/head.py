@@ -195,11 +195,16 @@ class UperNetHead(nn.Module):
         return self._fused_bottleneck(self.bottleneck, x, branches, ops).to(x.dtype)
 
     def classify(self, fused: torch.Tensor) -> torch.Tensor:
-        """The 1x1 `classifier` in the compute dtype (fp32 accumulation inside oneDNN), logits returned as
-        float32 so the resize and argmax after it run in float32. In bf16 a float32 classifier was measured
-        (ConvNeXt-T 512², AMX, 1 thread) 7% slower for 0.06 points of argmax agreement with fp32
-        (98.43% against 98.37%; transformers in bf16: 98.17%): not worth it."""
-        return self.classifier(fused.to(self.classifier.weight.dtype)).float()
+        """The 1x1 `classifier`, with float32 logits whatever the compute dtype. In bf16/fp16 the fused
+        features arrive in float32 (the bottleneck accumulates in float32) and the classifier runs in
+        float32 on them (its weight widened once): measured on ConvNeXt-T 512², AMX, 1 thread, this costs
+        ~7% of the bf16 forward over a bf16 classifier and lifts the argmax agreement with fp32 from
+        below transformers-bf16's to above it (bench/results/)."""
+        c = self.classifier
+        if c.weight.dtype == torch.float32:
+            return c(fused.float())
+        w, b = cached(self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float()))
+        return F.conv2d(fused.float(), w, b)
 
     def forward(
         self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None

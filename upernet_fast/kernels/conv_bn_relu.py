@@ -15,10 +15,11 @@ accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bia
 the accumulator before the single store.
 
 PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU); large, wide 1x1 convs
-on channels-last input as one MKL GEMM into a huge-page output (``_gemm_1x1``); or, when the caller passes
+on channels-last input as one GEMM into a huge-page output (``_gemm_1x1``: MKL in float32, oneDNN/AMX in
+bfloat16, where it measured 0.45 against 0.51 s for the whole bf16 ConvNeXt-T forward, 1 thread); or, when the caller passes
 ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the Winograd
 F(4x4, 3x3) / F(6x6, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether and which
-is decided in ``upernet_fast.dispatch.winograd_tile``). The Triton path ignores ``winograd_weight``. oneDNN's fused
+is decided in ``upernet_fast.dispatch.winograd_choice``). The Triton path ignores ``winograd_weight``. oneDNN's fused
 conv+ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``, bitwise the same result) was measured
 against it, 2 threads, quiet machine, ms plain/post-op: 96->512 1x1 at 128^2 47.1/46.2 (NCHW), 27.4/25.3
 (channels-last); 192->512 1x1 at 64^2 17.5/17.7, 6.4/6.1; 384->512 1x1 at 32^2 3.4/3.5, 3.3/3.3;
