@@ -351,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", default=None, help="JSON results (default: bench/results/e2e-<cpu kind>.json)")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny models, every variant but the compiled ones, 2 runs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: tiny models, every variant but the compiled ones, 2 runs",
+    )
     p.add_argument("--one-config", help=argparse.SUPPRESS)  # internal: one config, in this process
     args = p.parse_args(argv)
     if args.one_config:

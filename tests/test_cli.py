@@ -211,12 +211,13 @@ def test_embedded_model_is_present():
 
 
 def test_fast_path_options(monkeypatch):
-    """--backend / --exact reach load(): --exact turns Winograd off, nothing given leaves the defaults."""
+    """--backend / --exact / --no-tune reach load(): --exact turns Winograd off, --no-tune the measured
+    choices; nothing given leaves the defaults."""
     parser = cli.build_parser()
-    args = parser.parse_args(["segment", "x.png", "--out", "o", "--exact", "--backend", "torch"])
-    assert cli._fast_path_kwargs(args) == {"backend": "torch", "winograd": False}
+    args = parser.parse_args(["segment", "x.png", "--out", "o", "--exact", "--backend", "torch", "--no-tune"])
+    assert cli._fast_path_kwargs(args) == {"backend": "torch", "winograd": False, "tune": False}
     args = parser.parse_args(["info"])
-    assert cli._fast_path_kwargs(args) == {"backend": None, "winograd": None}
+    assert cli._fast_path_kwargs(args) == {"backend": None, "winograd": None, "tune": None}
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--backend", "cuda"])
     seen = {}
@@ -230,4 +231,14 @@ def test_fast_path_options(monkeypatch):
 
     monkeypatch.setattr(inference, "load_model", spy)
     assert cli.main(["info", "--exact"]) == 0
-    assert seen == {"backend": None, "winograd": False}
+    assert seen == {"backend": None, "winograd": False, "tune": None}
+
+
+def test_info_plan_lists_layers_and_reasons(capsys):
+    """`info --plan` prints the machine, the switches and each head layer's implementation with its reason."""
+    assert cli.main(["info", "--plan", "--plan-size", "97x131", "--no-tune"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for 97x131 on" in out and "tune False" in out
+    assert "decode_head.fpn_bottleneck" in out and "default rule" in out
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["info", "--plan-size", "97by131"])

@@ -5,7 +5,7 @@ pyramid-pooling module on level N-1 whose branches are upsampled, concatenated w
 a 3x3 `bottleneck`; a top-down path `lat[i-1] += up(lat[i])`; 3x3 `fpn_convs` on levels 0..N-2; every
 level upsampled to level 0, concatenated, fused by the 3x3 `fpn_bottleneck`; a 1x1 `classifier`.
 
-Exact rewrite used here (DESIGN.md §4): a 3x3 zero-padded conv over a bilinearly upsampled input equals
+Exact rewrite used here (README "How it is fast"): a 3x3 zero-padded conv over a bilinearly upsampled input equals
 the sum over the nine taps of shift(upsample(W_tap · x)). So the upsampled groups of `fpn_bottleneck`'s
 and `bottleneck`'s inputs are channel-mixed at their own low resolution and never materialised at high
 resolution, and the concatenations disappear (the conv weight is split per input group instead).
@@ -153,7 +153,7 @@ class UperNetHead(nn.Module):
     ) -> torch.Tensor:
         """`module(cat([direct, *(upsample(t) for t in low)]))` without the upsampled concat: the direct
         group is convolved at full size, each low-resolution group is mixed into its nine taps at its own
-        size and upsample-shift-added into the same buffer (DESIGN.md §4). When the direct conv runs as
+        size and upsample-shift-added into the same buffer (module docstring). When the direct conv runs as
         Winograd and `dispatch.merge_into_winograd` says so, the first low group is instead upsampled and
         convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
@@ -195,14 +195,14 @@ class UperNetHead(nn.Module):
         return self._fused_bottleneck(self.bottleneck, x, branches, ops).to(x.dtype)
 
     def classify(self, fused: torch.Tensor) -> torch.Tensor:
-        """The 1x1 `classifier`, with float32 logits whatever the compute dtype. In bf16/fp16 the fused
+        """The 1x1 `classifier`; float32 logits for a bf16/fp16 model. There the fused
         features arrive in float32 (the bottleneck accumulates in float32) and the classifier runs in
         float32 on them (its weight widened once): measured on ConvNeXt-T 512², AMX, 1 thread, this costs
         ~7% of the bf16 forward over a bf16 classifier and lifts the argmax agreement with fp32 from
         below transformers-bf16's to above it (bench/results/)."""
         c = self.classifier
-        if c.weight.dtype == torch.float32:
-            return c(fused.float())
+        if c.weight.dtype not in _ACCUMULATE_IN_FLOAT32:  # float32/float64: the model's own dtype
+            return c(fused.to(c.weight.dtype))
         w, b = cached(self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float()))
         return F.conv2d(fused.float(), w, b)
 
