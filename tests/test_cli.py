@@ -530,3 +530,12 @@ def test_dtype_option_reaches_the_model(tmp_path, monkeypatch):
     assert seen["dtype"] == "bfloat16"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["segment", "a.png", "--out", "o", "--dtype", "int8"])
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path, capsys):
+    src = _folder(tmp_path, 2)
+    out = src / "masks"
+    assert cli.main(["segment", str(src), "--out", str(out), "--quiet", "--overlay"]) == 0
+    assert cli.main(["segment", str(src), "--out", str(out), "--quiet", "--overlay"]) == 0
+    assert "2 already complete" in capsys.readouterr().err
+    assert len(_manifest(out)) == 2 and not (out / "masks").exists()

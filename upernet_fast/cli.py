@@ -47,6 +47,10 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def _label_names(model) -> dict[int, str]:
     labels = getattr(getattr(model, "config", None), "id2label", None) or {}
     return {int(k): str(v) for k, v in labels.items()}
@@ -202,7 +206,7 @@ def _summary(out_dir: Path, tally: _Tally, left: int) -> str:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     errors = validate_segment_args(args)
-    items = plan_outputs(find_inputs(args.inputs))
+    items = plan_outputs(find_inputs(args.inputs, exclude=args.out))  # earlier outputs are not inputs
     if not items:
         errors.append("no images found in " + " ".join(args.inputs))
     if errors:
@@ -277,7 +281,7 @@ def _load_segmenter(args: argparse.Namespace) -> _SegmenterSetup | int:
             args.model, device=args.device, dtype=args.dtype, **_fast_path_kwargs(args), **options
         )
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        _err(f"error: --model {args.model or '(embedded)'}: cannot load it: {e}")
+        _err(f"error: --model {args.model or '(embedded)'}: cannot load it: {_one_line(e)}")
         return 2
     if (problem := _check_model_fits(segmenter, args)) is not None:
         _err(f"error: {problem}")
@@ -318,7 +322,7 @@ def _run(items, todo, setup, args, out_dir: Path, manifest: Manifest, tally: _Ta
                         picture = make_overlay(image, labels, setup.palette, setup.names)
                         write_png(picture, item.overlay_path(out_dir))
                 except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
-                    message = f"cannot {stage} {item.source}: {type(exc).__name__}: {exc}"
+                    message = f"cannot {stage} {item.source}: {type(exc).__name__}: {_one_line(exc)}"
                     tqdm.write(f"error: {message}", file=sys.stderr)
                     manifest.record(item, "failed", size, message)
                     tally.failed.append(str(item.source))

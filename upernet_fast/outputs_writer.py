@@ -53,14 +53,24 @@ class OutputItem:
         return [self.label_path(out_dir)] + ([self.overlay_path(out_dir)] if overlay else [])
 
 
-def collect_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+def collect_inputs(
+    paths: Sequence[str | os.PathLike], exclude: str | os.PathLike | None = None
+) -> list[tuple[Path, Path]]:
     """(file, path relative to its root): explicit files as given (any suffix, so a wrong file is reported,
-    not skipped; also paths that do not exist), folders' image files by suffix, recursively, sorted."""
+    not skipped; also paths that do not exist), folders' image files by suffix, recursively, sorted. Files
+    under `exclude` (the output folder, when it lies inside an input folder) are not inputs."""
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not (skip is not None and p.resolve().is_relative_to(skip))
+            )
             found.extend((f, f.relative_to(path)) for f in files)
         else:
             found.append((path, Path(path.name)))
