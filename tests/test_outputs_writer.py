@@ -51,6 +51,8 @@ def test_folders_are_mirrored(tmp_path):
     assert [str(i.stem) for i in items] == ["a", "sub/a", "sub/deeper/b"]
     assert items[2].label_path("o") == Path("o/sub/deeper/b.png")
     assert items[2].overlay_path("o") == Path("o/sub/deeper/b_overlay.png")
+    again = ow.collect_inputs([tmp_path, tmp_path / "sub" / "a.png", tmp_path / "sub"])  # reached twice
+    assert [str(rel) for _, rel in again] == ["a.png", "sub/a.png", "sub/deeper/b.JPG"]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -135,7 +135,7 @@ def validate_segment_args(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def _check_model_fits(segmenter, args: argparse.Namespace) -> str | None:
+def _check_model_fits(segmenter) -> str | None:
     """After loading: the smallest side the network would see must reach the model's total stride."""
     reduction = int(getattr(getattr(segmenter.model, "backbone", None), "reduction", 0) or 0)
     side = segmenter.keep_ratio_short_side or (min(segmenter.size) if segmenter.size else None)
@@ -283,7 +283,7 @@ def _load_segmenter(args: argparse.Namespace) -> _SegmenterSetup | int:
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         _err(f"error: --model {args.model or '(embedded)'}: cannot load it: {_one_line(e)}")
         return 2
-    if (problem := _check_model_fits(segmenter, args)) is not None:
+    if (problem := _check_model_fits(segmenter)) is not None:
         _err(f"error: {problem}")
         return 2
     return _SegmenterSetup(segmenter)

@@ -58,7 +58,8 @@ def collect_inputs(
 ) -> list[tuple[Path, Path]]:
     """(file, path relative to its root): explicit files as given (any suffix, so a wrong file is reported,
     not skipped; also paths that do not exist), folders' image files by suffix, recursively, sorted. Files
-    under `exclude` (the output folder, when it lies inside an input folder) are not inputs."""
+    under `exclude` (the output folder, when it lies inside an input folder) are not inputs; a file reached
+    twice (`photos photos/a.jpg`) counts once, where it is first found."""
     skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for raw in paths:
@@ -74,7 +75,14 @@ def collect_inputs(
             found.extend((f, f.relative_to(path)) for f in files)
         else:
             found.append((path, Path(path.name)))
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for source, rel in found:
+        key = source.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((source, rel))
+    return unique
 
 
 def _claims(stem: Path) -> tuple[str, str]:
