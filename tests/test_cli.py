@@ -137,6 +137,8 @@ def test_segment_nothing_found(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no images" in capsys.readouterr().err
+    assert cli.main(["segment", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.jpg does not exist" in capsys.readouterr().err
 
 
 def test_console_script_subprocess(tiny_model_dir, image_dir, tmp_path):

@@ -209,6 +209,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     items = plan_outputs(find_inputs(args.inputs, exclude=args.out))  # earlier outputs are not inputs
     if not items:
         errors.append("no images found in " + " ".join(args.inputs))
+    elif not any(item.source.exists() for item in items):  # some missing: reported per file, the rest run
+        errors.extend(f"{item.source} does not exist" for item in items)
     if errors:
         for message in errors:
             _err(f"error: {message}")
