@@ -482,11 +482,12 @@ def test_adding_overlay_on_rerun_writes_only_the_overlays(tmp_path):
 
 
 SLOW_RUN = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may inherit SIGINT ignored
 import upernet_fast.inference as inference
 real = inference.Segmenter.predict_labels
 def slow(self, images):
-    time.sleep(0.4)
+    time.sleep(0.8)
     return real(self, images)
 inference.Segmenter.predict_labels = slow
 from upernet_fast import cli
