@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -162,3 +163,56 @@ def test_old_swin_file_without_unused_final_norm(tmp_checkpoint):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         compare_logits(ref(x).logits, upernet_fast.load(path)(x).logits, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("torch.bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_load_dtype_names(given, expected, tmp_checkpoint):
+    path = tmp_checkpoint(make_reference("convnext", seed=13))
+    assert upernet_fast.load(path, dtype=given).dtype == expected
+    assert upernet_fast.load(path, torch_dtype=given).dtype == expected  # transformers' older spelling
+
+
+def test_load_dtype_errors(tmp_checkpoint):
+    path = tmp_checkpoint(make_reference("convnext", seed=13))
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported.*bfloat16"):
+        upernet_fast.load(path, dtype="int8")
+    with pytest.raises(ValueError, match="disagree"):
+        upernet_fast.load(path, dtype="float32", torch_dtype="bfloat16")
+
+
+def test_load_keeps_the_source_dtype(tmp_checkpoint):
+    """A bf16 transformers model (in memory or saved) stays bf16 unless a dtype is given, as in transformers 5."""
+    ref = make_reference("convnext", seed=14).to(torch.bfloat16)
+    fast = upernet_fast.load(ref)
+    assert fast.dtype == torch.bfloat16
+    for k, v in ref.state_dict().items():
+        if k in fast.state_dict() and v.is_floating_point():
+            assert torch.equal(fast.state_dict()[k], v), k
+    assert upernet_fast.load(ref, dtype="float32").dtype == torch.float32
+    assert upernet_fast.load(ref, dtype="auto").dtype == torch.bfloat16
+    path = tmp_checkpoint(ref, "bf16")
+    assert upernet_fast.load(path).dtype == torch.bfloat16
+    assert upernet_fast.load(path, dtype="fp32").dtype == torch.float32
+    assert (
+        upernet_fast.load(tmp_checkpoint(make_reference("convnext", seed=14), "fp32")).dtype == torch.float32
+    )
+
+
+def test_segmenter_from_pretrained_dtype(tmp_checkpoint):
+    from upernet_fast.inference import Segmenter
+
+    path = tmp_checkpoint(make_reference("convnext", seed=15))
+    seg = Segmenter.from_pretrained(path, dtype="bfloat16", size=(64, 64))
+    assert seg.model.dtype == torch.bfloat16
+    labels = seg(np.zeros((40, 50, 3), dtype=np.uint8))
+    assert labels.shape == (40, 50)

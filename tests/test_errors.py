@@ -51,6 +51,24 @@ def test_too_small(model):
         model(torch.randn(1, 3, 31, 200))
 
 
+def test_empty_batch_returns_empty_outputs(model):
+    """transformers returns (0, num_labels, H, W) for a batch of 0; so do we, in every output form."""
+    ref = make_reference("convnext")
+    x = torch.randn(0, 3, 64, 80)
+    out = model(x)
+    assert out.logits.shape == (0, 5, 64, 80) and out.logits.dtype == torch.float32
+    with torch.no_grad():
+        expected = ref(x, output_hidden_states=True)
+    got = model(x, output_hidden_states=True)
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+    as_tuple = model(x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (0, 5, 64, 80)
+    loss = model(x, labels=torch.zeros(0, 64, 80, dtype=torch.long)).loss
+    assert loss.dim() == 0 and torch.isnan(loss)  # the mean over no pixels, as transformers gives
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(x, labels=torch.zeros(1, 64, 80, dtype=torch.long))
+
+
 def test_not_a_tensor(model):
     with pytest.raises(TypeError, match="torch.Tensor"):
         model([[0.0]])
@@ -89,7 +107,30 @@ def test_unexpected_key_named(ckpt):
     _rewrite(ckpt, lambda s: s.__setitem__("decode_head.extra.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): decode_head.extra.weight"):
         upernet_fast.load(ckpt)
-    assert upernet_fast.load(ckpt, strict=False) is not None
+    with pytest.warns(UserWarning, match=r"1 unexpected key\(s\): decode_head.extra.weight.*ignored"):
+        assert upernet_fast.load(ckpt, strict=False) is not None
+
+
+def test_non_strict_load_names_missing_and_unexpected_keys(ckpt):
+    """transformers reports "newly initialized" weights; strict=False must not leave them random silently."""
+
+    def mutate(state):
+        state.pop("decode_head.classifier.weight")
+        state["decode_head.extra.bias"] = torch.zeros(3)
+
+    _rewrite(ckpt, mutate)
+    with pytest.warns(UserWarning) as record:
+        upernet_fast.load(ckpt, strict=False)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "1 missing key(s): decode_head.classifier.weight" in message
+    assert "1 unexpected key(s): decode_head.extra.bias" in message
+    assert "random" in message
+
+
+def test_strict_false_on_a_matching_checkpoint_is_silent(ckpt, recwarn):
+    upernet_fast.load(ckpt, strict=False)
+    assert not [w for w in recwarn if "strict=False" in str(w.message)]
 
 
 def test_shape_mismatch_named(ckpt):
@@ -105,6 +146,20 @@ def test_truncated_safetensors(ckpt):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
         upernet_fast.load(ckpt)
+
+
+def test_legacy_non_zip_bin_loads(ckpt, tmp_path):
+    """torch < 1.6 wrote pickles, not zip archives: mmap cannot open them; transformers loads them."""
+    from safetensors.torch import load_file as read
+
+    state = read(ckpt / "model.safetensors")
+    os.remove(ckpt / "model.safetensors")
+    torch.save(state, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with open(ckpt / "pytorch_model.bin", "rb") as f:
+        assert f.read(2) != b"PK"  # really the legacy format
+    model = upernet_fast.load(ckpt)
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_corrupt_bin(ckpt):
@@ -138,9 +193,15 @@ def test_config_without_backbone_config(ckpt):
         upernet_fast.load(ckpt)
 
 
-def test_unknown_backbone_type():
-    with pytest.raises(ValueError, match="unknown backbone type 'no-such-net'.*native: convnext"):
-        FastUperNet.from_config({"backbone_config": {"model_type": "no-such-net"}})
+@pytest.mark.parametrize("model_type", ["no-such-net", "bert"])
+def test_unknown_backbone_type(model_type):
+    """A short message (not transformers' list of every model type): native ones, then AutoBackbone."""
+    with pytest.raises(ValueError) as info:
+        FastUperNet.from_config({"backbone_config": {"model_type": model_type}})
+    message = str(info.value)
+    assert f"unknown backbone type {model_type!r}" in message
+    assert "native backbones are convnext, resnet, swin" in message and "AutoBackbone" in message
+    assert len(message) < 300 and "\n" not in message
 
 
 def test_unknown_backbone_without_transformers(monkeypatch):

@@ -138,7 +138,7 @@ def test_keep_ratio_size_is_mmcv_rescale():
 
 def test_bad_inputs_raise():
     with pytest.raises(TypeError):
-        preprocess.load_image(np.zeros((4, 4, 3), dtype=np.float32))
+        preprocess.load_image(np.zeros((4, 4, 3), dtype=np.int32))  # floats in [0, 1] are accepted
     with pytest.raises(ValueError):
         preprocess.load_image(np.zeros((4, 4, 5), dtype=np.uint8))
     with pytest.raises(TypeError):
@@ -342,3 +342,122 @@ def test_load_model_and_default_path():
     assert (inference.default_model_path() / "config.json").is_file()
     module = FakeSegModel()
     assert inference.load_model(module) is module
+
+
+# ----------------------------------------------------------------------------- EXIF, tensors, probabilities
+def exif_rotated_jpeg(path, orientation: int = 6, size=(80, 60)):
+    """A JPEG stored `size` = (width, height) with an EXIF orientation tag, as phones write portrait shots."""
+    stored = Image.fromarray(random_image(size[1], size[0], seed=11))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif)
+    return stored
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_like_transformers(tmp_path, orientation):
+    """Orientation 6/8: stored 80 wide x 60 high, shown 60 wide x 80 high; the mask must be 80x60 (H x W)."""
+    path = tmp_path / "phone.jpg"
+    exif_rotated_jpeg(path, orientation)
+    with Image.open(path) as raw:
+        assert raw.size == (80, 60) and raw.getexif()[0x0112] == orientation
+    expected_hw = (60, 80) if orientation == 3 else (80, 60)
+    loaded = preprocess.load_image(path)
+    assert (loaded.height, loaded.width) == expected_hw
+    image_utils = pytest.importorskip("transformers.image_utils")
+    reference = np.asarray(image_utils.load_image(str(path)))  # what transformers' pipeline segments
+    assert np.array_equal(np.asarray(loaded), reference)
+    seg = Segmenter(FakeSegModel(), size=(32, 32))
+    assert seg(path).shape == expected_hw
+    with Image.open(path) as im:
+        im.load()
+        assert seg(im).shape == expected_hw  # a PIL image with the tag, too
+        assert im.size == (80, 60)  # the caller's image is not modified
+
+
+def test_tensor_and_float_inputs_match_uint8():
+    """HxWx3 / 3xHxW tensors and float arrays/tensors in [0, 1] give the uint8 array's labels."""
+    seg = Segmenter(FakeSegModel(), size=(32, 48))
+    arr = random_image(45, 70, seed=12)
+    expected = seg(arr)
+    as_float = arr.astype(np.float32) / 255
+    sources = [
+        torch.from_numpy(arr),  # HxWx3 uint8
+        torch.from_numpy(arr).permute(2, 0, 1),  # 3xHxW uint8 (torchvision layout)
+        torch.from_numpy(as_float).permute(2, 0, 1),  # 3xHxW float in [0, 1]
+        torch.from_numpy(as_float),  # HxWx3 float
+        torch.from_numpy(as_float).permute(2, 0, 1).to(torch.float16),
+        as_float,  # float32 array
+        as_float.astype(np.float64),
+    ]
+    for source in sources:
+        assert np.array_equal(seg(source), expected), (type(source), getattr(source, "shape", None))
+    out = seg([torch.from_numpy(arr).permute(2, 0, 1), arr])
+    assert np.array_equal(out[0], expected) and np.array_equal(out[1], expected)
+    gray = random_image(30, 40, seed=13, channels=1)
+    assert seg(torch.from_numpy(gray)[None]).shape == (30, 40)  # 1xHxW
+
+
+def test_bad_tensor_and_float_inputs():
+    with pytest.raises(ValueError, match=r"\[0, 1\].*normalised"):
+        preprocess.load_image(np.full((4, 4, 3), 2.0, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        preprocess.load_image(torch.full((3, 4, 4), -0.5))
+    with pytest.raises(ValueError, match="3xHxW or HxWx3"):
+        preprocess.load_image(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        preprocess.load_image(torch.zeros(3, 8, 8, dtype=torch.int32))
+
+
+def _reference_probs(scores, size):
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0].softmax(0)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_return_probs_at_original_size(mode):
+    model = FakeSegModel()
+    kwargs = dict(mode="slide", crop_size=(32, 32), stride=(21, 21), keep_ratio_short_side=40)
+    seg = Segmenter(model, **kwargs) if mode == "slide" else Segmenter(model, size=(32, 48))
+    arr = random_image(77, 101, seed=14)
+    labels, probs = seg(arr, return_probs=True)
+    assert probs.shape == (5, 77, 101) and probs.dtype == np.float32 and labels.shape == (77, 101)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    image = preprocess.load_image(arr)
+    scores = seg.predict_scores([image], seg.processed_size(77, 101))[0]
+    np.testing.assert_allclose(probs, _reference_probs(scores, (77, 101)).numpy(), atol=2e-6, rtol=0)
+    assert np.array_equal(labels, probs.argmax(0))
+    assert np.array_equal(labels, seg(arr))  # the labels return_probs=False gives
+    pairs = seg([arr, random_image(30, 40, seed=15)], return_probs=True)
+    assert [p.shape for _, p in pairs] == [(5, 77, 101), (5, 30, 40)]
+
+
+def test_return_probs_with_tta_resizes_averaged_probabilities():
+    seg = Segmenter(FakeSegModel(), size=(32, 48), flip=True, scales=[0.5, 1.0])
+    arr = random_image(50, 61, seed=16)
+    _, probs = seg(arr, return_probs=True)
+    scores = seg.predict_scores([preprocess.load_image(arr)], (32, 48))[0]  # averaged softmax
+    expected = F.interpolate(scores[None], size=(50, 61), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(probs, expected.numpy(), atol=2e-6, rtol=0)
+
+
+def test_probs_at_size_blocks_and_memory(monkeypatch):
+    """Row blocks give F.interpolate + softmax; no intermediate reaches the full-size C x H x W."""
+    scores = torch.randn(150, 32, 43, generator=torch.Generator().manual_seed(0))
+    size = (300, 401)
+    largest = [0]
+    real_interpolate = F.interpolate
+
+    def spy(*args, **kwargs):
+        out = real_interpolate(*args, **kwargs)
+        largest[0] = max(largest[0], out.numel())
+        return out
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    labels, probs = inference.probs_at_size(scores, size, block_elements=150 * 401 * 16)
+    monkeypatch.undo()
+    assert largest[0] <= 150 * 401 * 16
+    torch.testing.assert_close(probs, _reference_probs(scores, size), atol=2e-6, rtol=0)
+    assert torch.equal(labels, probs.argmax(0))
+    for out_size in ((32, 43), (7, 90), (64, 10)):  # same size, shrink one side, grow the other
+        _, probs = inference.probs_at_size(scores[:4], out_size, block_elements=64)
+        torch.testing.assert_close(probs, _reference_probs(scores[:4], out_size), atol=2e-6, rtol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,25 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+
+
 class _Entry:
-    """One checkpoint tensor: its shape is known up front, its data read only when copied."""
+    """One checkpoint tensor: its shape (and dtype) known up front, its data read only when copied."""
 
-    __slots__ = ("shape", "read")
+    __slots__ = ("shape", "read", "dtype")
 
-    def __init__(self, shape: tuple[int, ...], read: Any) -> None:
-        self.shape, self.read = tuple(shape), read
+    def __init__(self, shape: tuple[int, ...], read: Any, dtype: torch.dtype | None = None) -> None:
+        self.shape, self.read, self.dtype = tuple(shape), read, dtype
+
+
+def _tensor_entry(tensor: torch.Tensor) -> _Entry:
+    return _Entry(tensor.shape, (lambda: tensor), tensor.dtype)
 
 
 def _entries(path: Path) -> dict[str, _Entry]:
@@ -89,21 +102,24 @@ def _entries(path: Path) -> dict[str, _Entry]:
 
         try:
             f = safe_open(str(path), framework="pt")
-            return {k: _Entry(f.get_slice(k).get_shape(), _safe_reader(f, k, path)) for k in f.keys()}
+            return {k: _safe_entry(f, k, path) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is truncated or not a safetensors file ({e})") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt zip/pickle
-        raise CheckpointError(
-            f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from None
+    except Exception:  # noqa: BLE001 - mmap needs the zip format: legacy (torch < 1.6) files load whole
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt zip/pickle
+            raise CheckpointError(
+                f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})"
+            ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state_dict of tensors")
-    return {k: _Entry(v.shape, (lambda v=v: v)) for k, v in state.items()}
+    return {k: _tensor_entry(v) for k, v in state.items()}
 
 
-def _safe_reader(f: Any, key: str, path: Path) -> Any:
+def _safe_entry(f: Any, key: str, path: Path) -> _Entry:
     from safetensors import SafetensorError
 
     def read() -> torch.Tensor:
@@ -112,7 +128,8 @@ def _safe_reader(f: Any, key: str, path: Path) -> Any:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: tensor {key!r} is unreadable ({e})") from None
 
-    return read
+    view = f.get_slice(key)
+    return _Entry(view.get_shape(), read, SAFETENSORS_DTYPES.get(view.get_dtype()))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -128,13 +145,23 @@ def copy_state_dict(model: FastUperNet, entries: dict[str, _Entry], strict: bool
         if k not in entries and not k.endswith("num_batches_tracked") and k not in optional
     )
     unexpected = sorted(k for k in entries if k not in expected)
-    if strict and (missing or unexpected):
+    if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing key(s): {_shorten(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_shorten(unexpected)}")
-        raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
+        if strict:
+            raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
+        # transformers logs "newly initialized" weights; a silent random weight is a wrong model
+        warnings.warn(
+            "strict=False: checkpoint does not match the config: "
+            + "; ".join(parts)
+            + (" (missing weights keep their random initialisation)" if missing else "")
+            + (" (unexpected keys are ignored)" if unexpected else ""),
+            UserWarning,
+            stacklevel=3,
+        )
     mismatched = [
         f"{k}: checkpoint {v.shape} vs model {tuple(expected[k].shape)}"
         for k, v in entries.items()
@@ -155,11 +182,62 @@ def _shorten(keys: list[str], limit: int = 12) -> str:
     return head + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | str | None:
+    """A floating torch dtype, "auto" or None from a dtype or its name ("bfloat16", "bf16", "torch.float32")."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return "auto"
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    raise ValueError(
+        f"dtype {dtype!r} is not supported; use a floating torch dtype, one of "
+        f"{', '.join(sorted(DTYPE_NAMES))}, or 'auto' (the checkpoint's own)"
+    )
+
+
+def _stored_dtype(config_path: Path, entries: dict[str, _Entry]) -> torch.dtype | None:
+    """The dtype a checkpoint was saved in: config.json's `dtype`/`torch_dtype` (what transformers writes),
+    else the first floating-point tensor's."""
+    try:
+        raw = json.loads(config_path.read_text())
+        name = raw.get("dtype") or raw.get("torch_dtype")
+        if name:
+            parsed = parse_dtype(name)
+            if isinstance(parsed, torch.dtype):
+                return parsed
+    except (OSError, ValueError, AttributeError):
+        pass
+    for entry in entries.values():
+        dtype = getattr(entry, "dtype", None)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+    return None
+
+
 def load(
     source: Any,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     backend: str | None = None,
     winograd: bool | None = None,
     tune: bool | None = None,
@@ -167,9 +245,17 @@ def load(
 ) -> FastUperNet:
     """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
 
+    `dtype` (or `torch_dtype`, transformers' older spelling): a floating torch dtype or its name
+    ("float32"/"fp32", "bfloat16"/"bf16", "float16", "float64"); None or "auto" keeps the source's dtype (an
+    in-memory model's parameters; a file's config `dtype`, else its weights'), as transformers 5 does.
     `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
     `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
-    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`."""
+    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`.
+    `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
+    dtype, torch_dtype = parse_dtype(dtype), parse_dtype(torch_dtype)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+    dtype = torch_dtype if dtype is None else dtype
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None or getattr(config, "model_type", None) != "upernet":
@@ -177,8 +263,10 @@ def load(
                 f"expected a transformers UperNetForSemanticSegmentation, got {type(source).__name__}"
             )
         model = FastUperNet(UperNetConfig.from_any(config), backend=backend, winograd=winograd, tune=tune)
-        entries = {k: _Entry(v.shape, (lambda v=v: v)) for k, v in source.state_dict().items()}
+        entries = {k: _tensor_entry(v) for k, v in source.state_dict().items()}
         copy_state_dict(model, entries, strict=strict)
+        if dtype in (None, "auto"):
+            dtype = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
     else:
         path = Path(os.fspath(source))
         if path.is_file() and path.name == "config.json":
@@ -199,6 +287,10 @@ def load(
         for f in files:
             entries.update(_entries(f))
         copy_state_dict(model, entries, strict=strict)
+        if dtype in (None, "auto"):
+            dtype = _stored_dtype(path / "config.json", entries)
+    if dtype == model.dtype:
+        dtype = None
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

@@ -1,6 +1,7 @@
 """`upernet-fast` command line: segment, info, bench, convert, demo.
 
     upernet-fast segment photos/ extra.jpg --out masks/ --overlay [--model openmmlab/upernet-convnext-tiny]
+        (folders mirrored under --out, manifest.jsonl lists input -> output; reruns skip finished files)
     upernet-fast info [SRC]
     upernet-fast bench [ARGS passed to bench/e2e.py]
     upernet-fast convert upernet_swin_tiny.pth --out upernet-swin-tiny/
@@ -12,19 +13,42 @@ SRC is a Hugging Face-format directory or hub id; the default is the small embed
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import dispatch
+from .outputs_writer import (
+    IMAGE_SUFFIXES,  # noqa: F401 - re-exported: cli.IMAGE_SUFFIXES predates outputs_writer
+    MANIFEST,
+    TEMP_SUFFIX,
+    Manifest,
+    OutputItem,
+    is_complete,
+    owned_by,
+    plan_outputs,
+    read_manifest,
+    remove_stale_temps,
+    write_png,
+)
+from .outputs_writer import collect_inputs as find_inputs
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MIN_SIDE = 32  # total stride of every native backbone: smaller inputs cannot be segmented
 DEMO_SEED, DEMO_SIZE = 2062, (256, 256)  # a scene showing 5 of the 6 classes
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _label_names(model) -> dict[int, str]:
@@ -39,77 +63,276 @@ def _num_labels(model, fallback: int) -> int:
 
 # ----------------------------------------------------------------------------- segment
 def collect_inputs(paths: Sequence[str]) -> list[tuple[Path, Path]]:
-    """(file, output stem relative to --out): explicit files as given (any suffix, so a wrong file is
-    reported, not skipped), directories' image files (by suffix, recursively) keeping their relative paths."""
-    found: list[tuple[Path, Path]] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            for file in sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            ):
-                found.append((file, file.relative_to(path).with_suffix("")))
+    """(file, output stem relative to --out) for every input, by `outputs_writer`'s naming rule."""
+    return [(item.source, item.stem) for item in plan_outputs(find_inputs(paths))]
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_out_dir(out: Path) -> str | None:
+    """Why `--out` cannot take our files, or None; creates nothing (a probe file comes and goes)."""
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        return f"--out {out}: {base} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".upernet-fast-probe-", suffix=TEMP_SUFFIX):
+            pass
+    except OSError as e:
+        return f"--out {out}: cannot write in {base} ({e.strerror or e})"
+    return None
+
+
+def _check_model_source(model: str | None) -> str | None:
+    if model is None:
+        return None
+    path = Path(model)
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"--model {model}: no config.json in this folder"
+    if path.is_file():
+        if path.name == "config.json":
+            return None
+        return f"--model {model}: is a file; expected a checkpoint folder (config.json + weights) or a hub id"
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return None  # a hub id: resolved (from the cache) when the model loads
+    return f"--model {model} does not exist (expected a checkpoint folder or a hub id like openmmlab/upernet-convnext-tiny)"
+
+
+def validate_segment_args(args: argparse.Namespace) -> list[str]:
+    """Every usage error, one message each, found before anything is loaded or written."""
+    errors = []
+    smallest = 1.0
+    if args.scales is not None and any(not s > 0 for s in args.scales):  # `not >` also catches nan
+        errors.append(f"--scales must all be positive, got {' '.join(f'{s:g}' for s in args.scales)}")
+    elif args.scales:
+        smallest = min(args.scales)
+    if args.short_side is not None and not args.short_side * smallest >= MIN_SIDE:
+        errors.append(
+            f"--short-side {args.short_side}"
+            + (f" at scale {smallest:g}" if smallest != 1.0 else "")
+            + f" is below {MIN_SIDE} pixels, the backbones' total stride"
+        )
+    if args.batch_size < 1:
+        errors.append(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            errors.append(f"--device {args.device}: {e}")
         else:
-            found.append((path, Path(path.stem)))
-    seen: dict[Path, int] = {}
-    unique = []
-    for file, stem in found:  # a.jpg and a.png (or two dirs) must not overwrite each other
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        unique.append((file, stem if n == 0 else stem.with_name(f"{stem.name}_{n}")))
-    return unique
+            if device.type == "cuda" and not torch.cuda.is_available():
+                errors.append(f"--device {args.device}: CUDA is not available")
+    if (problem := _check_model_source(args.model)) is not None:
+        errors.append(problem)
+    if (problem := _check_out_dir(Path(args.out))) is not None:
+        errors.append(problem)
+    return errors
 
 
-def _write_outputs(image, labels, out_stem: Path, palette, names, overlay: bool) -> None:
-    from .palette import label_image
-    from .palette import overlay as make_overlay
+def _check_model_fits(segmenter) -> str | None:
+    """After loading: the smallest side the network would see must reach the model's total stride."""
+    reduction = int(getattr(getattr(segmenter.model, "backbone", None), "reduction", 0) or 0)
+    side = segmenter.keep_ratio_short_side or (min(segmenter.size) if segmenter.size else None)
+    if not reduction or side is None:
+        return None
+    smallest = int(side * min(segmenter.scales) + 0.5)
+    if segmenter.mode == "slide":
+        smallest = min(smallest, min(segmenter.crop_size))
+    if smallest < reduction:
+        return (
+            f"images would reach the network at {smallest} pixels on their short side, below the model's "
+            f"total stride {reduction}; raise --short-side or the smallest of --scales"
+        )
+    return None
 
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    label_image(labels, palette).save(out_stem.with_name(out_stem.name + ".png"))
-    if overlay:
-        make_overlay(image, labels, palette, names).save(out_stem.with_name(out_stem.name + "_overlay.png"))
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into a clean stop like Ctrl-C (a BaseException: per-image handlers let it pass)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM ends the run like Ctrl-C (summary, files intact); only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # header only
+            return im.height, im.width
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass
+class _Tally:
+    """What a segment run has done so far (kept up to date, so an interrupted run can still report it)."""
+
+    written: int = 0
+    complete: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    done: set[OutputItem] = dataclasses.field(default_factory=set)
+
+
+def _summary(out_dir: Path, tally: _Tally, left: int) -> str:
+    parts = [f"wrote {tally.written} label map{'s' * (tally.written != 1)} to {out_dir}"]
+    if tally.complete:
+        parts.append(f"{tally.complete} already complete (kept; --overwrite redoes them)")
+    if tally.failed:
+        parts.append(f"{len(tally.failed)} failed")
+    if left:
+        parts.append(f"{left} left (run the same command again to finish)")
+    return "; ".join(parts) + f"; manifest: {out_dir / MANIFEST}"
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .inference import Segmenter
-    from .palette import palette_for
-    from .preprocess import load_image
-
-    inputs = collect_inputs(args.inputs)
-    if not inputs:
-        _err("error: no images found in " + " ".join(args.inputs))
+    errors = validate_segment_args(args)
+    items = plan_outputs(find_inputs(args.inputs, exclude=args.out))  # earlier outputs are not inputs
+    if not items:
+        errors.append("no images found in " + " ".join(args.inputs))
+    elif not any(item.source.exists() for item in items):  # some missing: reported per file, the rest run
+        errors.extend(f"{item.source} does not exist" for item in items)
+    if errors:
+        for message in errors:
+            _err(f"error: {message}")
         return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(items, out_dir)
+    resume = args.resume and not args.overwrite
+    owners = read_manifest(out_dir) if resume else {}
+
+    def missing(item: OutputItem) -> list[Path]:
+        """The outputs of `item` still to write (all of them without --resume)."""
+        paths = item.paths(out_dir, args.overlay)
+        if not resume:
+            return paths
+        return [p for p in paths if not (is_complete(p) and owned_by(p, item.source, owners))]
+
+    todo = {item: missing(item) for item in items}
+    tally = _Tally()
+    manifest: Manifest | None = None
+    stopped: int | None = None
+    with _sigterm_stops():
+        try:
+            setup = None
+            if any(todo.values()):  # a finished run reruns without loading the model
+                setup = _load_segmenter(args)
+                if not isinstance(setup, _SegmenterSetup):
+                    return setup
+            manifest = Manifest(out_dir, args.overlay)
+            _run(items, todo, setup, args, out_dir, manifest, tally)
+        except KeyboardInterrupt:
+            stopped = 130
+        except _Terminated:
+            stopped = 128 + signal.SIGTERM
+        finally:
+            if manifest is not None:
+                for item in items:  # the inputs not reached keep their planned names in the record
+                    if item not in tally.done:
+                        manifest.record(item, "pending")
+                manifest.close()
+    left = len(items) - len(tally.done)
+    _err(("interrupted: " if stopped else "") + _summary(out_dir, tally, left))
+    if tally.failed:
+        _err("failed: " + ", ".join(tally.failed))
+    return stopped or (1 if tally.failed else 0)
+
+
+class _SegmenterSetup:
+    """The loaded segmenter and what writing needs from it."""
+
+    def __init__(self, segmenter) -> None:
+        from .palette import palette_for
+
+        self.segmenter = segmenter
+        self.names = segmenter.id2label
+        self.palette = palette_for(_num_labels(segmenter.model, len(self.names)))
+
+
+def _load_segmenter(args: argparse.Namespace) -> _SegmenterSetup | int:
+    """The segmenter, or exit status 2 after one line saying why the model cannot be used."""
+    from .inference import Segmenter
+
     options = {"mode": args.mode, "flip": args.flip, "batch_size": args.batch_size}
     if args.short_side:
         options["keep_ratio_short_side"] = args.short_side
     if args.scales:
         options["scales"] = args.scales
-    segmenter = Segmenter.from_pretrained(
-        args.model, device=args.device, **_fast_path_kwargs(args), **options
-    )
-    names = segmenter.id2label
-    palette = palette_for(_num_labels(segmenter.model, len(names)))
-    out_dir = Path(args.out)
-    failed: list[str] = []
-    for path, stem in tqdm(inputs, desc="segment", unit="img", file=sys.stderr, disable=args.quiet):
-        try:
-            image = load_image(path)
-        except Exception as exc:  # unreadable, truncated, not an image: report, keep going
-            failed.append(str(path))
-            tqdm.write(f"error: cannot read {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        labels = segmenter.predict_labels([image])[0].numpy()
-        _write_outputs(image, labels, out_dir / stem, palette, names, args.overlay)
-    done = len(inputs) - len(failed)
-    _err(
-        f"wrote {done} label map{'s' * (done != 1)} to {out_dir}"
-        + (f"; {len(failed)} failed" if failed else "")
-    )
-    if failed:
-        _err("failed: " + ", ".join(failed))
-    return 1 if failed else 0
+    try:
+        segmenter = Segmenter.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, **_fast_path_kwargs(args), **options
+        )
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        _err(f"error: --model {args.model or '(embedded)'}: cannot load it: {_one_line(e)}")
+        return 2
+    if (problem := _check_model_fits(segmenter)) is not None:
+        _err(f"error: {problem}")
+        return 2
+    return _SegmenterSetup(segmenter)
+
+
+def _run(items, todo, setup, args, out_dir: Path, manifest: Manifest, tally: _Tally) -> None:
+    """Segment and write every input in order, counting in `tally`. Per-image problems (unreadable, too
+    small, cannot write) are recorded and the run goes on."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .palette import label_image
+    from .palette import overlay as make_overlay
+    from .preprocess import load_image
+
+    with tqdm(total=len(items), desc="segment", unit="img", file=sys.stderr, disable=args.quiet) as bar:
+        for item in items:
+            paths = todo[item]
+            if not paths:
+                manifest.record(item, "complete", _png_size(item.label_path(out_dir)))
+                tally.complete += 1
+            else:
+                stage, size = "read", None
+                try:
+                    image = load_image(item.source)
+                    size = (image.height, image.width)
+                    stage = "segment"
+                    labels = setup.segmenter.predict_labels([image])[0].numpy()
+                    # the PNG holds 8 (16) bits per pixel anyway; int64 would be 192 MB for 24 MP
+                    labels = labels.astype(np.uint8 if len(setup.palette) <= 256 else np.uint16)
+                    stage = "write outputs for"
+                    label_path = item.label_path(out_dir)
+                    if label_path in paths:
+                        write_png(label_image(labels, setup.palette), label_path)
+                    if args.overlay and item.overlay_path(out_dir) in paths:
+                        picture = make_overlay(image, labels, setup.palette, setup.names)
+                        write_png(picture, item.overlay_path(out_dir))
+                except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+                    message = f"cannot {stage} {item.source}: {type(exc).__name__}: {_one_line(exc)}"
+                    tqdm.write(f"error: {message}", file=sys.stderr)
+                    manifest.record(item, "failed", size, message)
+                    tally.failed.append(str(item.source))
+                else:
+                    manifest.record(item, "written", size)
+                    tally.written += 1
+            tally.done.add(item)
+            bar.update()
 
 
 # ----------------------------------------------------------------------------- info
@@ -265,8 +488,13 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line (argparse would print the whole usage first), status 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="upernet-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale TTA factors")
     seg.add_argument("--batch-size", type=int, default=4)
     seg.add_argument("--device", default=None)
+    seg.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's dtype"
+    )
+    seg.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip inputs whose outputs already exist (default; --no-resume or --overwrite redoes them)",
+    )
+    seg.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
     _add_fast_path_options(seg)
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
@@ -328,7 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "bench":  # everything after `bench` belongs to bench/e2e.py, even --help
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # e.g. while a model loads; `segment` handles its own with a summary
+        _err("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

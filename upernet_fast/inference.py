@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,13 +38,14 @@ def load_model(
     source: str | os.PathLike | nn.Module | None = None,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     backend: str | None = None,
     winograd: bool | None = None,
     tune: bool | None = None,
 ) -> nn.Module:
     """A `FastUperNet` from a HF-format directory / hub id (None = the embedded model), in eval mode; a
-    module (e.g. a transformers UperNet) is used as it is."""
+    module (e.g. a transformers UperNet) is used as it is. `dtype`: as `upernet_fast.load` ("bfloat16",
+    torch.float32, ...; None keeps the checkpoint's)."""
     if isinstance(source, nn.Module):
         return source.eval()
     from .checkpoint import load
@@ -132,11 +134,47 @@ def labels_at_size(logits: torch.Tensor, size: tuple[int, int], backend: str | N
     return labels[0] if logits.dim() == 3 else labels
 
 
+@torch.inference_mode()
+def probs_at_size(
+    scores: torch.Tensor, size: tuple[int, int], softmax: bool = True, block_elements: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores` (C, h, w) resized bilinearly (align_corners=False, as `F.interpolate`) to `size`, then
+    softmax over classes unless they are probabilities already: (labels (H, W) int64, probs (C, H, W)
+    float32), both on the CPU.
+
+    Filled in blocks of output rows (about `block_elements` values each): each block blends its two source
+    rows, then resizes the width; so the result is the only full-size array (no 2-3 full-size temporaries
+    as with `F.interpolate(...).softmax(1)`)."""
+    channels, height, width = scores.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    probs = torch.empty((channels, out_h, out_w), dtype=torch.float32)
+    labels = torch.empty((out_h, out_w), dtype=torch.int64)
+    scores = scores.float()
+    # source row of each output row, as PyTorch computes it: max(scale * (i + 0.5) - 0.5, 0)
+    y = ((torch.arange(out_h, dtype=torch.float32) + 0.5) * (height / out_h) - 0.5).clamp_(min=0)
+    y0 = y.long().clamp_(max=height - 1)
+    y1 = (y0 + 1).clamp_(max=height - 1)
+    weight = (y - y0).to(scores.device)
+    rows = max(1, block_elements // max(1, channels * out_w))
+    for r0 in range(0, out_h, rows):
+        r1 = min(out_h, r0 + rows)
+        top, bottom = scores[:, y0[r0:r1]], scores[:, y1[r0:r1]]
+        block = torch.lerp(top, bottom, weight[r0:r1, None].expand_as(top))
+        if out_w != width:  # the height is already final: this resize changes only the width
+            block = F.interpolate(block[None], size=(r1 - r0, out_w), mode="bilinear", align_corners=False)[0]
+        labels[r0:r1] = block.argmax(0).cpu()
+        probs[:, r0:r1] = (block.softmax(0) if softmax else block).cpu()
+    return labels, probs
+
+
 class Segmenter:
     """Semantic segmentation of images: `segmenter(image) -> np.ndarray` (H, W) int64 class indices at the
     image's original size; a list in gives a list out.
 
-    Images: PIL images, HxW / HxWx3 / HxWx4 uint8 arrays, or file paths (grayscale and RGBA become RGB).
+    Images: PIL images or file paths (turned upright by their EXIF orientation), arrays (HxW / HxWx3 /
+    HxWx4) and tensors (3xHxW or HxWx3) of uint8 or of floats in [0, 1]; grayscale and RGBA become RGB.
+    `segmenter(image, return_probs=True)` returns `(labels, probs)`: probs (num_labels, H, W) float32 class
+    probabilities at the original size, filled in row blocks (the only full-size array is the result).
 
     Resolution the network sees ("processed size"):
     - `keep_ratio_short_side=N`: keep-ratio resize so the short side is N (long side capped at
@@ -187,7 +225,7 @@ class Segmenter:
         source: str | os.PathLike | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         backend: str | None = None,
         winograd: bool | None = None,
         tune: bool | None = None,
@@ -222,28 +260,43 @@ class Segmenter:
             max_long_side=self.max_long_side,
         )
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray | list[np.ndarray]:
+    def __call__(self, images: ImageInput | Sequence[ImageInput], return_probs: bool = False) -> Any:
+        """Label maps (H, W) int64; with `return_probs`, `(labels, probs)` pairs, probs (C, H, W) float32.
+        One image in gives one result; a list or tuple gives a list."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        results: list[np.ndarray] = []
+        results: list[Any] = []
         for start in range(0, len(items), self.batch_size):  # bounded memory for long lists
             loaded = [preprocess.load_image(x) for x in items[start : start + self.batch_size]]
-            results.extend(label.numpy() for label in self.predict_labels(loaded))
+            if return_probs:
+                results.extend((lab.numpy(), prob.numpy()) for lab, prob in self.predict_probs(loaded))
+            else:
+                results.extend(label.numpy() for label in self.predict_labels(loaded))
         return results[0] if single else results
 
     def predict_labels(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """int64 label maps at each (RGB PIL) image's size; images of the same processed size share batches."""
+        backend = getattr(self.model, "backend", None)
+        return self._predict(images, lambda scores, size: labels_at_size(scores, size, backend).cpu())
+
+    def predict_probs(self, images: Sequence[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(labels (H, W) int64, probabilities (C, H, W) float32) at each (RGB PIL) image's size."""
+        tta = len(self.scales) > 1 or self.flip  # TTA scores are probabilities already
+        return self._predict(images, lambda scores, size: probs_at_size(scores, size, softmax=not tta))
+
+    def _predict(self, images: Sequence[Image.Image], finish: Any) -> list[Any]:
+        """`finish(scores (C, h, w) at the processed size, original size)` per image; images of the same
+        processed size share batches."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(self.processed_size(image.height, image.width), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(images)
+        out: list[Any] = [None] * len(images)
         for proc, indices in groups.items():
             for s in range(0, len(indices), self.batch_size):
                 chunk = indices[s : s + self.batch_size]
                 scores = self.predict_scores([images[i] for i in chunk], proc)
                 for k, i in enumerate(chunk):
-                    size = (images[i].height, images[i].width)
-                    out[i] = labels_at_size(scores[k], size, getattr(self.model, "backend", None)).cpu()
+                    out[i] = finish(scores[k], (images[i].height, images[i].width))
         return out
 
     @torch.inference_mode()
@@ -296,6 +349,7 @@ __all__ = [
     "forward_logits",
     "labels_at_size",
     "load_model",
+    "probs_at_size",
     "segment",
     "slide_inference",
     "slide_windows",

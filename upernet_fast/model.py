@@ -164,6 +164,10 @@ class FastUperNet(nn.Module):
         self._check_pixel_values(pixel_values)
         if labels is not None and self.config.num_labels == 1:
             raise ValueError("The number of labels should be greater than one")
+        if pixel_values.shape[0] == 0:
+            return self._empty_batch(
+                pixel_values, output_attentions, output_hidden_states, labels, return_dict
+            )
         cfg = self.config
         return_dict = cfg.return_dict if return_dict is None else return_dict
         output_hidden_states = (
@@ -195,6 +199,49 @@ class FastUperNet(nn.Module):
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+    def _empty_batch(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        labels: torch.Tensor | None,
+        return_dict: bool | None,
+    ) -> SemanticSegmenterOutput | tuple:
+        """Batch 0: empty outputs of the right shapes, as transformers returns (our fused ops reshape with
+        -1, which an empty batch makes ambiguous): one zero image runs, every output keeps 0 of its rows."""
+        size = tuple(pixel_values.shape[2:])
+        if labels is not None and (labels.dim() != 3 or tuple(labels.shape) != (0, *size)):
+            raise ValueError(
+                f"labels must have shape (batch, height, width) = {(0, *size)}, got {tuple(labels.shape)}"
+            )
+        one = self.forward(
+            pixel_values.new_zeros((1, *pixel_values.shape[1:])),
+            output_attentions,
+            output_hidden_states,
+            None,
+            True,
+        )
+
+        def empty(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[:0]
+            return tuple(empty(v) for v in value) if isinstance(value, tuple) else value
+
+        # the mean over no pixels, as F.cross_entropy gives it (nan)
+        loss = (
+            None
+            if labels is None
+            else F.cross_entropy(empty(one.logits), labels.long(), ignore_index=self.config.loss_ignore_index)
+        )
+        out = SemanticSegmenterOutput(
+            loss=loss,
+            logits=empty(one.logits),
+            hidden_states=empty(one.hidden_states),
+            attentions=empty(one.attentions),
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return out if return_dict else out.to_tuple()
 
     def _loss(
         self,

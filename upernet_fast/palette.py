@@ -124,33 +124,51 @@ def overlay(
     id2label: Mapping[int, str] | None = None,
     alpha: float = 0.5,
     legend: bool = True,
+    strip_pixels: int = 1 << 18,
 ) -> Image.Image:
-    """The image blended with the class colours, plus (right) a legend of the classes present, largest first."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colours = palette[np.asarray(labels)].astype(np.float32)
-    blended = Image.fromarray(np.clip((1 - alpha) * rgb + alpha * colours + 0.5, 0, 255).astype(np.uint8))
-    if not legend:
-        return blended
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(palette))
-    present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-    id2label = id2label or {}
-    font_size = max(10, min(24, blended.height // 24))
-    font = _font(font_size)
-    pad, swatch, line = font_size // 2, font_size, int(font_size * 1.5)
-    entries = [
-        f"{i}: {id2label.get(i, f'class {i}')} ({100.0 * counts[i] / counts.sum():.1f}%)" for i in present
-    ]
-    measure = ImageDraw.Draw(blended)
-    text_w = max((measure.textlength(t, font=font) for t in entries), default=0)
-    panel_w = int(pad * 3 + swatch + text_w)
-    height = max(blended.height, pad * 2 + line * len(entries))
-    canvas = Image.new("RGB", (blended.width + panel_w, height), (255, 255, 255))
-    canvas.paste(blended, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for row, (cls, text) in enumerate(zip(present, entries)):
-        x, y = blended.width + pad, pad + row * line
-        draw.rectangle(
-            [x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in palette[cls]), outline=(0, 0, 0)
-        )
-        draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
+    """The image blended with the class colours, plus (right) a legend of the classes present, largest first.
+
+    Blended in strips of about `strip_pixels` pixels straight into the output canvas: a float copy of a
+    6000x4000 photo would be 288 MB per temporary, and the blend makes several."""
+    labels = np.asarray(labels)
+    height, width = labels.shape
+    if (image.height, image.width) != (height, width):
+        raise ValueError(f"image is {image.height}x{image.width}, labels {height}x{width}")
+    entries: list[tuple[int, str]] = []
+    panel_w = 0
+    rows = max(1, strip_pixels // max(1, width))
+    if legend:
+        counts = np.zeros(len(palette), dtype=np.int64)
+        for y0 in range(0, height, rows):  # by strips: bincount copies its input as int64
+            counts += np.bincount(labels[y0 : y0 + rows].ravel(), minlength=len(palette))[: len(palette)]
+        present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+        id2label = id2label or {}
+        font_size = max(10, min(24, height // 24))
+        font = _font(font_size)
+        pad, swatch, line = font_size // 2, font_size, int(font_size * 1.5)
+        entries = [
+            (i, f"{i}: {id2label.get(i, f'class {i}')} ({100.0 * counts[i] / counts.sum():.1f}%)")
+            for i in present
+        ]
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        text_w = max((measure.textlength(t, font=font) for _, t in entries), default=0)
+        panel_w = int(pad * 3 + swatch + text_w)
+        canvas_h = max(height, pad * 2 + line * len(entries))
+    else:
+        canvas_h = height
+    canvas = Image.new("RGB", (width + panel_w, canvas_h), (255, 255, 255))
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        rgb = np.asarray(image.crop((0, y0, width, y1)).convert("RGB"), dtype=np.float32)
+        colours = palette[labels[y0:y1]].astype(np.float32)
+        blended = np.clip((1 - alpha) * rgb + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+        canvas.paste(Image.fromarray(blended), (0, y0))
+    if legend:
+        draw = ImageDraw.Draw(canvas)
+        for row, (cls, text) in enumerate(entries):
+            x, y = width + pad, pad + row * line
+            draw.rectangle(
+                [x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in palette[cls]), outline=(0, 0, 0)
+            )
+            draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
     return canvas

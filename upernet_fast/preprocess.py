@@ -9,6 +9,8 @@ We reproduce the PIL path bit for bit: PIL resize on uint8, then `float32(float6
 float64 copy of a large photo).
 
 Images are converted to RGB as transformers' `convert_to_rgb` does: transparency is composited onto white.
+Files and PIL images are turned upright by their EXIF orientation first (`PIL.ImageOps.exif_transpose`, as
+transformers' `load_image` does), so a phone photo's label map has the size the photo is shown at.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 RESCALE_FACTOR = 1 / 255
 
-ImageInput = Image.Image | np.ndarray | str | os.PathLike
+ImageInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -45,15 +47,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def upright(image: Image.Image, in_place: bool = False) -> Image.Image:
+    """`image` rotated/flipped as its EXIF orientation says (itself when there is nothing to do)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (1, None):
+        return image
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8, rounded to the nearest level (the reverse of x / 255)."""
+    if arr.size:
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if np.isnan(arr).any() or lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"float images must hold values in [0, 1], got range [{lo:g}, {hi:g}]"
+                + (
+                    ""
+                    if not (lo < 0.0 or hi > 1.0)
+                    else " (pass uint8 for 0-255 images, and raw, not normalised, pixels)"
+                )
+            )
+    return (arr.astype(np.float32) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """An image tensor (3xHxW / 1xHxW / 4xHxW channels-first, or HxWxC, or HxW) as an HxW[xC] array."""
+    t = tensor.detach().cpu()
+    if t.dim() == 3 and t.shape[0] in (1, 3, 4) and not (t.shape[2] in (1, 3, 4) and t.shape[0] > t.shape[2]):
+        t = t.permute(1, 2, 0)  # channels first, torchvision's layout (ties such as 3xHx3 read as CHW)
+    elif not (t.dim() == 2 or (t.dim() == 3 and t.shape[2] in (1, 3, 4))):
+        raise ValueError(
+            f"expected an image tensor of shape 3xHxW or HxWx3 (also 1 or 4 channels, or HxW), got {tuple(t.shape)}"
+        )
+    if t.dtype == torch.uint8:
+        return t.numpy()
+    if t.is_floating_point():
+        return t.float().numpy()
+    raise TypeError(f"image tensors must be uint8 or float in [0, 1], got {t.dtype}")
+
+
 def load_image(source: ImageInput) -> Image.Image:
-    """An RGB PIL image from a PIL image, a uint8 array (HxW, HxWx1, HxWx3, HxWx4) or a file path.
+    """An RGB PIL image from a PIL image or a file path (both turned upright by their EXIF orientation), an
+    array (HxW, HxWx1, HxWx3, HxWx4; uint8, or float in [0, 1]) or a tensor (3xHxW or HxWx3, also 1 or 4
+    channels; uint8, or float in [0, 1]). Floats are rounded to 8 bits, which is what the resize sees.
 
     Raises `OSError`/`ValueError` for unreadable files, `TypeError`/`ValueError` for unsupported arrays."""
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(upright(source))
+    if isinstance(source, torch.Tensor):
+        source = _tensor_to_array(source)
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8, got {source.dtype}")
+        if source.dtype.kind == "f":
+            source = _float_to_uint8(source)
+        elif source.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8, or float in [0, 1], got {source.dtype}")
         if source.ndim == 3 and source.shape[2] == 1:
             source = source[..., 0]
         if source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4)):
@@ -62,7 +112,7 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         with Image.open(source) as im:
             im.load()  # decode now: truncated files fail here, with the file still named by the caller
-            return to_rgb(im)
+            return to_rgb(upright(im, in_place=True))
     raise TypeError(f"unsupported image type {type(source).__name__}")
 
 
