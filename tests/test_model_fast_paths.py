@@ -59,15 +59,14 @@ def test_winograd_runs_on_wide_heads_and_matches(wide_reference, monkeypatch):
 def test_winograd_f6_on_large_maps_matches(wide_reference, monkeypatch):
     monkeypatch.delenv(dispatch.WINOGRAD_ENV_VAR, raising=False)
     calls = _count_winograd(monkeypatch)
-    head_module = importlib.import_module("upernet_fast.head")
     pairs: list[tuple] = []
-    real_pair = head_module.conv3x3_winograd_pair
+    real_pair = dispatch.conv3x3_winograd_pair
 
     def pair_spy(x, x2, u, bias=None, relu=False):
         pairs.append((u.shape[0], tuple(x.shape), tuple(x2.shape)))
         return real_pair(x, x2, u, bias, relu)
 
-    monkeypatch.setattr(head_module, "conv3x3_winograd_pair", pair_spy)
+    monkeypatch.setattr(dispatch, "conv3x3_winograd_pair", pair_spy)
     x = torch.randn(1, 3, 259, 263, generator=torch.Generator().manual_seed(7))  # level 0: 64x65
     with torch.no_grad():
         report = compare_logits(

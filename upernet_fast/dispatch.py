@@ -34,7 +34,9 @@ from typing import Literal
 import torch
 
 from . import kernels, tuning
+from .folding import cached
 from .kernels._common import env_switch, interpreting
+from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 __all__ = [
     "BACKENDS",
@@ -213,6 +215,12 @@ def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
     )
 
 
+def taps_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> (9 * Cout, Cin, 1, 1) tap weights for ``upsample_shift_add`` (re-exported so
+    the model layer asks dispatch, never a kernel module)."""
+    return kernels.conv3x3_taps_weight(weight)
+
+
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:
     """The concrete backend (``"triton"`` or ``"torch"``) for tensors on ``device`` (default CPU).
 
@@ -291,6 +299,57 @@ class Ops:
         _check_op(name)
         chosen = _overrides.get(name) or self.overrides.get(name) or self.backend
         return resolve_backend(chosen, self.device)
+
+    def conv(
+        self,
+        owner: object,
+        name: str,
+        sources: list[torch.Tensor],
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: int,
+        relu: bool,
+    ) -> torch.Tensor:
+        """``conv_bn_relu`` with the implementation ``winograd_choice`` picks (the Winograd weight built
+        once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan."""
+        tile, why = winograd_choice(self, x, weight, padding)
+        wino = None
+        if tile:
+            wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
+        self._note(owner, name, x, weight, tile, why)
+        return self.conv_bn_relu(x, weight, bias, padding, relu, wino)
+
+    def conv_pair(
+        self,
+        owner: object,
+        name: str,
+        sources: list[torch.Tensor],
+        x: torch.Tensor,
+        x2: torch.Tensor,
+        weight: Callable[[], torch.Tensor],
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The 3x3 conv (padding 1, no ReLU) of the channel concatenation of ``x`` and ``x2`` (never built)
+        as one Winograd conv of the tile ``winograd_choice`` picks for ``x`` (callers check
+        ``merge_into_winograd`` first). ``weight()`` gives the folded (Cout, Cx + Cx2, 3, 3) weight."""
+        tile, why = winograd_choice(self, x, weight()[:, : x.shape[1]], 1)
+        if not tile:
+            raise RuntimeError("conv_pair needs a Winograd tile; check merge_into_winograd first")
+        u = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight(), tile))
+        self._note(owner, f"{name} (level-0 group + merged upsampled level 1)", x, weight(), tile, why)
+        return conv3x3_winograd_pair(x, x2, u, None if bias is None else bias.to(x.dtype), False)
+
+    def _note(
+        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, tile: int, why: str
+    ) -> None:
+        if _recorder is None:
+            return
+        k = weight.shape[-1]
+        shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
+        backend = self.backend_of("conv_bn_relu")
+        impl = f"Winograd F({tile}x{tile})" if tile else ("oneDNN/MKL" if backend == "torch" else "Triton")
+        record(owner, f"{name}: {shape}", impl, why)
 
     def __getattr__(self, name: str) -> Callable:
         if name not in OPS:

@@ -20,42 +20,6 @@ from torch import nn
 from . import dispatch
 from .config import UperNetConfig
 from .folding import cached, fold_batchnorm
-from .kernels import conv3x3_taps_weight
-from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
-
-
-def _conv(
-    owner: nn.Module,
-    name: str,
-    sources: list[torch.Tensor],
-    ops: dispatch.Ops,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    padding: int,
-    relu: bool,
-) -> torch.Tensor:
-    """`ops.conv_bn_relu` with the Winograd weight (cached on `owner` under `name`) when dispatch says so."""
-    wino = None
-    tile, why = dispatch.winograd_choice(ops, x, weight, padding)
-    if tile:
-        wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
-    _note(owner, name, x, weight, tile, why, ops)
-    return ops.conv_bn_relu(x, weight, bias, padding, relu, wino)
-
-
-def _note(
-    owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor, tile: int, why: str, ops: dispatch.Ops
-) -> None:
-    """Record the conv's implementation for the plan (`FastUperNet.plan`)."""
-    if dispatch._recorder is None:
-        return
-    k = weight.shape[-1]
-    shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
-    backend = ops.backend_of("conv_bn_relu")
-    impl = f"Winograd F({tile}x{tile})" if tile else ("oneDNN/MKL" if backend == "torch" else "Triton")
-    dispatch.record(owner, f"{name}: {shape}", impl, why)
-
 
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
@@ -93,7 +57,7 @@ class UperNetConvModule(nn.Module):
         c = self.conv
         if c.dilation != (1, 1) or c.kernel_size[0] not in (1, 3) or c.padding[0] != c.padding[1]:
             return F.relu(F.conv2d(x, w, b, padding=c.padding, dilation=c.dilation))
-        return _conv(self, "full", self.sources, _default_ops(x, ops), x, w, b, c.padding[0], True)
+        return _default_ops(x, ops).conv(self, "conv", self.sources, x, w, b, c.padding[0], True)
 
 
 class UperNetPyramidPoolingBlock(nn.Module):
@@ -139,7 +103,7 @@ class UperNetHead(nn.Module):
         def build() -> tuple:
             w, b = module.folded()
             bounds = [first + i * self.channels for i in range(n_low + 1)]
-            taps = [conv3x3_taps_weight(w[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            taps = [dispatch.taps_weight(w[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
             return w[:, :first].contiguous(), b, taps
 
         return cached(module, f"split{first}_{n_low}", module.sources, build)
@@ -158,22 +122,16 @@ class UperNetHead(nn.Module):
         convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
         size = direct.shape[2:]
-        tile, why = dispatch.winograd_choice(ops, direct, w_direct, 1)
+        tile, _ = dispatch.winograd_choice(ops, direct, w_direct, 1)
         if low and dispatch.merge_into_winograd(tile, low[0].shape[2:], size):
-            _note(module, "level-0 group + merged upsampled level 1", direct, w_direct, tile, why, ops)
             first = direct.shape[1]
-            u = cached(
-                module,
-                f"winograd{tile}_merged{first}_{len(low)}",
-                module.sources,
-                lambda: winograd_weight(module.folded()[0][:, : first + self.channels], tile),
-            )
-            up = ops.resize_bilinear(low[0], size)
-            out = conv3x3_winograd_pair(direct, up.to(direct.dtype), u, bias.to(direct.dtype), False)
+            up = ops.resize_bilinear(low[0], size).to(direct.dtype)
+            merged = lambda: module.folded()[0][:, : first + self.channels]  # noqa: E731
+            out = ops.conv_pair(module, f"merged{first}_{len(low)}", module.sources, direct, up, merged, bias)
             low, w_taps = low[1:], w_taps[1:]
         else:
             name = f"direct{direct.shape[1]}_{len(low)}"
-            out = _conv(module, name, module.sources, ops, direct, w_direct, bias, 1, False)
+            out = ops.conv(module, name, module.sources, direct, w_direct, bias, 1, False)
         if low and out.dtype in _ACCUMULATE_IN_FLOAT32:
             # bf16/fp16 compute: the groups are summed in float32 (the shift-add's own op-math type, so it
             # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
