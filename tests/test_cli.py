@@ -177,27 +177,6 @@ def test_info(tiny_model_dir, capsys):
     assert "circle" in capsys.readouterr().out
 
 
-def test_bench_missing_and_passthrough(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "bench_script", lambda: tmp_path / "nope" / "e2e.py")
-    assert cli.main(["bench", "--size", "64"]) == 2
-    assert "e2e.py does not exist" in capsys.readouterr().err
-    script = tmp_path / "e2e.py"
-    script.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.setattr(cli, "bench_script", lambda: script)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from upernet_fast import cli; "
-            f"cli.bench_script = lambda: __import__('pathlib').Path({str(script)!r}); "
-            "sys.exit(cli.main(['bench', '--size', '64', '--help']))",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 3 and "ARGS ['--size', '64', '--help']" in proc.stdout
-
-
 def test_demo(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out

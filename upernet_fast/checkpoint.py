@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from .config import UperNetConfig
-from .model import FastUperNet
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -133,7 +132,7 @@ def _safe_entry(f: Any, key: str, path: Path) -> _Entry:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def copy_state_dict(model: FastUperNet, entries: dict[str, _Entry], strict: bool = True) -> None:
+def copy_state_dict(model: torch.nn.Module, entries: dict[str, _Entry], strict: bool = True) -> None:
     """Check keys and shapes against `model` (naming every problem), then copy tensor by tensor."""
     expected = model.state_dict()
     entries = model.backbone.remap_state_dict(entries, "backbone.")
@@ -232,75 +231,52 @@ def _stored_dtype(config_path: Path, entries: dict[str, _Entry]) -> torch.dtype 
     return None
 
 
-def load(
-    source: Any,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    torch_dtype: torch.dtype | str | None = None,
-    backend: str | None = None,
-    winograd: bool | None = None,
-    tune: bool | None = None,
-    strict: bool = True,
-) -> FastUperNet:
-    """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
-
-    `dtype` (or `torch_dtype`, transformers' older spelling): a floating torch dtype or its name
-    ("float32"/"fp32", "bfloat16"/"bf16", "float16", "float64"); None or "auto" keeps the source's dtype (an
-    in-memory model's parameters; a file's config `dtype`, else its weights'), as transformers 5 does.
-    `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
-    `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
-    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`.
-    `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
+def resolve_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype | str | None:
+    """``dtype`` or transformers' older spelling ``torch_dtype`` (both parsed by ``parse_dtype``); an error
+    when both are given and differ."""
     dtype, torch_dtype = parse_dtype(dtype), parse_dtype(torch_dtype)
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
-    dtype = torch_dtype if dtype is None else dtype
+    return torch_dtype if dtype is None else dtype
+
+
+def open_source(source: Any) -> tuple[UperNetConfig, dict[str, _Entry], torch.dtype | None]:
+    """(config, lazily read tensors, stored dtype) of a checkpoint directory, a ``config.json`` path, a hub
+    id (from the local cache) or an in-memory transformers UperNet model. Nothing is copied yet."""
     if isinstance(source, torch.nn.Module):
         config = getattr(source, "config", None)
         if config is None or getattr(config, "model_type", None) != "upernet":
             raise TypeError(
                 f"expected a transformers UperNetForSemanticSegmentation, got {type(source).__name__}"
             )
-        model = FastUperNet(UperNetConfig.from_any(config), backend=backend, winograd=winograd, tune=tune)
         entries = {k: _tensor_entry(v) for k, v in source.state_dict().items()}
-        copy_state_dict(model, entries, strict=strict)
-        if dtype in (None, "auto"):
-            dtype = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
-    else:
-        path = Path(os.fspath(source))
-        if path.is_file() and path.name == "config.json":
-            path = path.parent
-        if not path.exists():
-            if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
-                path = _resolve_hub_id(source)
-            else:
-                raise FileNotFoundError(
-                    f"{source} does not exist (expected a checkpoint directory or a hub id)"
-                )
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory (expected config.json + weights inside)")
-        config = UperNetConfig.from_any(path / "config.json")
-        model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune)
-        files = _weight_files(path)
-        entries: dict[str, _Entry] = {}
-        for f in files:
-            entries.update(_entries(f))
-        copy_state_dict(model, entries, strict=strict)
-        if dtype in (None, "auto"):
-            dtype = _stored_dtype(path / "config.json", entries)
-    if dtype == model.dtype:
-        dtype = None
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
+        stored = next((p.dtype for p in source.parameters() if p.is_floating_point()), None)
+        return UperNetConfig.from_any(config), entries, stored
+    path = Path(os.fspath(source))
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if not path.exists():
+        if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+            path = _resolve_hub_id(source)
+        else:
+            raise FileNotFoundError(f"{source} does not exist (expected a checkpoint directory or a hub id)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (expected config.json + weights inside)")
+    config = UperNetConfig.from_any(path / "config.json")
+    entries: dict[str, _Entry] = {}
+    for f in _weight_files(path):
+        entries.update(_entries(f))
+    return config, entries, _stored_dtype(path / "config.json", entries)
 
 
-def save(model: FastUperNet, save_directory: str | os.PathLike) -> None:
+def save(
+    state_dict: dict[str, torch.Tensor], config: UperNetConfig, save_directory: str | os.PathLike
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` in the layout transformers' ``from_pretrained`` reads."""
     from safetensors.torch import save_file
 
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(directory / "config.json")
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    config.to_json_file(directory / "config.json")
+    state = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     save_file(state, str(directory / SAFE_SINGLE), metadata={"format": "pt"})

@@ -1,9 +1,8 @@
-"""`upernet-fast` command line: segment, info, bench, convert, demo.
+"""`upernet-fast` command line: segment, info, convert, demo (benchmarks: `python bench/e2e.py` in a checkout).
 
     upernet-fast segment photos/ extra.jpg --out masks/ --overlay [--model openmmlab/upernet-convnext-tiny]
         (folders mirrored under --out, manifest.jsonl lists input -> output; reruns skip finished files)
     upernet-fast info [SRC]
-    upernet-fast bench [ARGS passed to bench/e2e.py]
     upernet-fast convert upernet_swin_tiny.pth --out upernet-swin-tiny/
     upernet-fast demo [--out DIR]
 
@@ -16,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -393,22 +391,6 @@ def format_plan(model, height: int, width: int) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- bench
-def bench_script() -> Path:
-    return Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
-
-
-def cmd_bench(extra: Sequence[str]) -> int:
-    script = bench_script()
-    if not script.is_file():
-        _err(
-            f"error: the end-to-end benchmark is not available: {script} does not exist "
-            "(it ships with a source checkout of upernet_fast, not with the installed package)"
-        )
-        return 2
-    return subprocess.call([sys.executable, str(script), *extra])
-
-
 # ----------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert_mmseg import convert_file
@@ -540,8 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_path_options(info)
     info.set_defaults(func=cmd_info)
 
-    sub.add_parser("bench", help="run bench/e2e.py; all further arguments are passed through")
-
     conv = sub.add_parser("convert", help="mmsegmentation UperNet .pth -> Hugging Face-format directory")
     conv.add_argument("checkpoint")
     conv.add_argument("--out", required=True)
@@ -563,8 +543,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # everything after `bench` belongs to bench/e2e.py, even --help
-        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

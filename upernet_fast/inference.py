@@ -48,7 +48,7 @@ def load_model(
     torch.float32, ...; None keeps the checkpoint's)."""
     if isinstance(source, nn.Module):
         return source.eval()
-    from .checkpoint import load
+    from .model import load
 
     source = str(default_model_path() if source is None else source)
     return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd, tune=tune)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch
+from . import checkpoint, dispatch
 from .backbones import BackboneOutput, build_backbone
 from .config import UperNetConfig
 from .head import UperNetFCNHead, UperNetHead
@@ -65,15 +65,12 @@ class FastUperNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: Any, **kwargs: Any) -> FastUperNet:
-        from .checkpoint import load
-
+        """``upernet_fast.load(source, **kwargs)``."""
         return load(source, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors` in the layout transformers' `from_pretrained` reads."""
-        from .checkpoint import save
-
-        save(self, save_directory)
+        checkpoint.save(self.state_dict(), self.config, save_directory)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Also accepts alternative key layouts the backbone knows (e.g. transformers 5 in-memory Swin)."""
@@ -266,3 +263,36 @@ class FastUperNet(nn.Module):
                 aux, labels.long(), ignore_index=ignore
             )
         return loss
+
+
+def load(
+    source: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    backend: str | None = None,
+    winograd: bool | None = None,
+    tune: bool | None = None,
+    strict: bool = True,
+) -> FastUperNet:
+    """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
+
+    `dtype` (or `torch_dtype`, transformers' older spelling): a floating torch dtype or its name
+    ("float32"/"fp32", "bfloat16"/"bf16", "float16", "float64"); None or "auto" keeps the source's dtype (an
+    in-memory model's parameters; a file's config `dtype`, else its weights'), as transformers 5 does.
+    `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
+    `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
+    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`.
+    `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
+    dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
+    config, entries, stored = checkpoint.open_source(source)
+    model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune)
+    checkpoint.copy_state_dict(model, entries, strict=strict)
+    if dtype in (None, "auto"):
+        dtype = stored
+    if dtype == model.dtype:
+        dtype = None
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
