@@ -128,6 +128,20 @@ def bilinear_indices(
 
 
 @triton.jit
+def plane_block(C, H, W, BLOCK: tl.constexpr):
+    """The shared prologue of the per-plane elementwise kernels (grid: (pixel blocks, batch x channels)):
+    image index b (int64, for large strides), channel c, this program's output rows Y and columns X, and
+    the mask of pixels inside the H x W plane."""
+    pid = tl.program_id(0)
+    bc = tl.program_id(1)
+    b = (bc // C).to(tl.int64)
+    c = bc % C
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H * W
+    return b, c, offs // W, offs % W, mask
+
+
+@triton.jit
 def bilinear_src(dst, in_size, scale):
     """Triton twin of ATen's index rule: (i0, i1, l0, l1) for int32 output indices ``dst``."""
     src = scale * (dst.to(tl.float32) + 0.5) - 0.5

@@ -70,6 +70,7 @@ from ._common import (
     check_triton_tensors,
     opmath_dtype,
     out_memory_format,
+    plane_block,
     tl,
     triton,
 )
@@ -96,14 +97,7 @@ def _topdown_add_kernel(
     sy_b, sy_c, sy_h, sy_w,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bc = tl.program_id(1)
-    b = (bc // C).to(tl.int64)
-    c = bc % C
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
-    Y = offs // W
-    X = offs % W
+    b, c, Y, X, mask = plane_block(C, H, W, BLOCK)
     i0, i1, l0h, l1h = bilinear_src(Y, h, scale_h)
     j0, j1, l0w, l1w = bilinear_src(X, w, scale_w)
     v = bilerp(lo_ptr + b * sl_b + c * sl_c, i0, i1, j0, j1, l0h, l1h, l0w, l1w, sl_h, sl_w, mask)
@@ -119,14 +113,7 @@ def _upsample_shift_add_kernel(
     sy_b, sy_c, sy_h, sy_w,
     ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bc = tl.program_id(1)
-    b = (bc // C).to(tl.int64)
-    c = bc % C
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
-    Y = offs // W
-    X = offs % W
+    b, c, Y, X, mask = plane_block(C, H, W, BLOCK)
     base = t_ptr + b * st_b + c * st_c
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for ty in tl.static_range(3):

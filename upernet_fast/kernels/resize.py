@@ -43,6 +43,7 @@ from ._common import (
     check_triton_tensors,
     opmath_dtype,
     out_memory_format,
+    plane_block,
     tl,
     triton,
 )
@@ -66,14 +67,7 @@ def _resize_bilinear_kernel(
     sy_b, sy_c, sy_h, sy_w,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bc = tl.program_id(1)
-    b = (bc // C).to(tl.int64)
-    c = bc % C
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
-    Y = offs // W
-    X = offs % W
+    b, c, Y, X, mask = plane_block(C, H, W, BLOCK)
     i0, i1, l0h, l1h = bilinear_src(Y, h, scale_h)
     j0, j1, l0w, l1w = bilinear_src(X, w, scale_w)
     v = bilerp(x_ptr + b * sx_b + c * sx_c, i0, i1, j0, j1, l0h, l1h, l0w, l1w, sx_h, sx_w, mask)
