@@ -18,6 +18,13 @@ class BackboneOutput:
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+def eager_inference() -> bool:
+    """Whether the inference-only fast paths may run: no autograd graph is being recorded (they work in
+    place and cache tensors) and torch.compile is not tracing (it traces the plain ops and fuses them
+    itself; dynamo cannot trace the oneDNN availability checks or the caches)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def stage_selection(config: dict[str, Any], num_stages: int) -> list[str]:
     """The `out_features` a transformers backbone config selects (`out_indices` if only that is given).
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from .base import Backbone, BackboneOutput, stage_selection
+from .base import Backbone, BackboneOutput, eager_inference, stage_selection
 from .fused_linear import FUSED_ACT, LinearWeights, mlp_rows_, normalize, use_onednn
 
 _CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -95,7 +95,7 @@ class ConvNextLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.folded()
-        if torch.is_grad_enabled():  # in-place row chunks are for inference; FastUperNet runs under no_grad
+        if not eager_inference():  # the in-place fast paths below are for eager inference only
             y = self.dwconv(x).permute(0, 2, 3, 1)
             y = F.layer_norm(y, self.layernorm.normalized_shape, None, None, self.layernorm.eps)
             y = F.linear(self.act(F.linear(y, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)

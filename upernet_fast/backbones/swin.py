@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from .base import Backbone, BackboneOutput, stage_selection
+from .base import Backbone, BackboneOutput, eager_inference, stage_selection
 from .fused_linear import FUSED_ACT, LinearWeights, linear, mlp_rows_, normalize, plain_weights
 
 # transformers' SwinConfig defaults (the fields that matter at inference).
@@ -267,7 +267,7 @@ class SwinLayer(nn.Module):
         """Relative position bias (+ shift mask): (1, heads, N, N) or (num_windows, heads, N, N)."""
         table = self.attention.self.relative_position_bias_table
         # Cache only when no autograd graph can need it; `_version` changes on every in-place load/copy_.
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        cacheable = eager_inference()
         key = (hp, wp, dtype, device, table._version, table.data_ptr())
         if cacheable and (hit := self._cache.get(key)) is not None:
             return hit
@@ -537,7 +537,7 @@ class SwinBackbone(Backbone):
         # (the last of each stage) take transformers' explicit path. Under torch.compile the reference
         # path is traced instead (the fast path's cached indices/packed weights are eager-only; inductor
         # fuses and packs on its own).
-        fast = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fast = eager_inference()
         x = self.embeddings(pixel_values, channels_last=fast)
         hidden_states = [_to_nchw(x)] if output_hidden_states else None
         attentions = [] if output_attentions else None
