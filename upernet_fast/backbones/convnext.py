@@ -4,9 +4,8 @@ Fast path (exact up to float rounding): activations stay channels-last in memory
 NCHW→NHWC permutes are free views; the LayerNorm affine is folded into `pwconv1` and the layer scale into
 `pwconv2` (float64 fold), leaving a bare normalisation. On CPU float32 the MLP runs as two oneDNN 1x1
 convolutions on the channels-last map, GELU and the residual add fused as post-ops
-(`mkldnn._convolution_pointwise`): per block (ms, 2 threads) 18.5 / 15.6 / 15.0 / 14.8 at stages 1-4 of
-ConvNeXt-T at 512², against 40.3 / 16.1 / 14.5 / 15.6 for F.linear + GELU + add and 20.0 / 18.8 / 18.5 /
-19.1 for oneDNN Linears in row chunks (`fused_linear.mlp_rows_`, still the path for other activations).
+(`mkldnn._convolution_pointwise`): the fastest of the three variants measured
+(bench/results/decisions.md, "ConvNeXt MLP"; `fused_linear.mlp_rows_` stays the path for other activations).
 Parameter names are transformers'.
 """
 

@@ -2,16 +2,8 @@
 
 On CPU float32, `torch.ops.mkldnn._linear_pointwise` with a weight reordered once into oneDNN's blocked
 layout, the activation fused as a post-op, wins for narrow layers; the MKL sgemm behind `F.linear` (then
-a separate GELU) wins once both dimensions reach 192. Swin-T shapes at 512x683, 2 threads, GFLOP/s
-oneDNN / MKL (row chunks of 1024 for the MLP, as `mlp_rows_` runs it):
-
-    tokens x C     qkv        proj       fc1+GELU   fc2
-    21888 x 96     157 / 164  169 / 127  116 / 115  153 / 142
-    5472 x 192     148 / 171  184 / 177   96 / 107  172 / 169
-    1368 x 384     159 / 178  160 / 182  107 / 125  153 / 163
-    352 x 768      144 / 144  138 / 150  104 / 147  154 / 172
-
-(oneDNN's erf-GELU post-op is what makes fc1 slow from C = 192 on.) `ONEDNN_MAX_NARROW` is that rule.
+a separate GELU) wins once both dimensions reach 192. Measured per Swin-T layer shape in bench/results/decisions.md
+("Backbone Linears"); oneDNN's erf-GELU post-op is what makes it lose from 192 features on. `ONEDNN_MAX_NARROW` is that rule.
 Elsewhere (other devices/dtypes, builds without oneDNN, under torch.compile) it is `F.linear`.
 """
 
@@ -29,7 +21,7 @@ from ..folding import cached
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: Swin-T stage 1 MLP 49 ms vs 71 ms unchunked; flat at 256-4096
+MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: the 4C hidden stays in cache (bench/results/decisions.md)
 ONEDNN_MAX_NARROW = 192  # oneDNN when min(in_features, out_features) is below this, else MKL (table above)
 _PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..21888 rows)
 # hidden_act -> oneDNN post-op (attr, algorithm) fused into `intermediate.dense`.
@@ -98,7 +90,7 @@ def _unit_affine(c: int, dtype: torch.dtype, device: torch.device) -> tuple[torc
 
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Affine-free LayerNorm over the last dim. Passes an explicit unit affine (exact: ×1, +0) because
-    PyTorch's CPU kernel without weight/bias is ~40% slower (2.8 vs 1.9 ms on 21888x96)."""
+    PyTorch's CPU kernel without weight/bias is slower."""
     weight, bias = _unit_affine(x.shape[-1], x.dtype, x.device)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

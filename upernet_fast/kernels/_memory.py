@@ -1,12 +1,11 @@
 """Large CPU output buffers backed by transparent huge pages.
 
 A freshly allocated large tensor lives in fresh ``mmap`` memory (glibc maps every block above its mmap
-threshold anew and unmaps it on free), so its first write takes one page fault per 4 KiB page. On these
-machines that fault costs more than the write itself: filling a fresh 157 MB tensor (150 classes at
-512x512) took 52 ms, against 6.5 ms for the same tensor already mapped and 12 ms once the region is
-advised ``MADV_HUGEPAGE`` (one fault per 2 MiB). PyTorch only advises its allocations when the
-``THP_MEM_ALLOC_ENABLE`` environment variable is set before it starts, which is the user's choice, so the
-ops advise just the buffers they allocate themselves, before first touch. The advice is a per-range hint
+threshold anew and unmaps it on free), so its first write takes one page fault per 4 KiB page. That
+fault can cost more than the write itself, and one fault per 2 MiB much less (bench/results/decisions.md,
+"Huge pages"). PyTorch only advises its allocations when the ``THP_MEM_ALLOC_ENABLE`` environment
+variable is set before it starts, which is the user's choice, so the ops advise just the buffers they
+allocate themselves, before first touch. The advice is a per-range hint
 that the kernel may ignore (THP ``never``) and that changes no process-wide setting.
 
 ``UPERNET_FAST_HUGEPAGES=0`` turns it off (read at import; ``_common.env_switch``).

@@ -16,15 +16,12 @@ the accumulator before the single store.
 
 PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU); large, wide 1x1 convs
 on channels-last input as one GEMM into a huge-page output (``_gemm_1x1``: MKL in float32, oneDNN/AMX in
-bfloat16, where it measured 0.45 against 0.51 s for the whole bf16 ConvNeXt-T forward, 1 thread); or, when the caller passes
+bfloat16); or, when the caller passes
 ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the Winograd
 F(4x4, 3x3) / F(6x6, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether and which
 is decided in ``upernet_fast.dispatch.winograd_choice``). The Triton path ignores ``winograd_weight``. oneDNN's fused
-conv+ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``, bitwise the same result) was measured
-against it, 2 threads, quiet machine, ms plain/post-op: 96->512 1x1 at 128^2 47.1/46.2 (NCHW), 27.4/25.3
-(channels-last); 192->512 1x1 at 64^2 17.5/17.7, 6.4/6.1; 384->512 1x1 at 32^2 3.4/3.5, 3.3/3.3;
-512->512 3x3 at 32^2 30.5/30.9, 32.0/31.7. No consistent gain, so the plain path is kept. (Channels-last
-input itself is ~2x faster than NCHW for the 1x1 convs.)
+conv+ReLU post-op gave no consistent gain over the plain path, and channels-last input is what
+makes the 1x1 convs fast (bench/results/decisions.md, "conv_bn_relu").
 """
 
 import torch
@@ -142,8 +139,7 @@ def _torch_out_format(x: torch.Tensor, winograd_weight: torch.Tensor | None) -> 
 def _gemm_1x1(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a 1x1 conv runs as one MKL GEMM into a huge-page output (``_conv1x1_gemm``) instead of
     oneDNN: CPU float32, channels-last input, a large output (its page faults otherwise dominate) and at
-    least 256 output channels. ms oneDNN / GEMM, 2 threads: 512→4608 at 64² 135/108, at 32² 34/27;
-    96→512 at 128² 20.1/11.5; but 512→150 at 128² 14.4/20.3 and 512→4608 at 16² 7.1/7.4."""
+    least 256 output channels, where the GEMM measured faster (bench/results/decisions.md, "_gemm_1x1")."""
     b, c_out, h, w = x.shape[0], weight.shape[0], x.shape[2], x.shape[3]
     return (
         weight.shape[2:] == (1, 1)

@@ -40,21 +40,8 @@
         (C * H, W), per chunk of channels.
     ``out`` of another layout or dtype gets one extra add. Float16 is computed in float32.
 
-    Measured alternatives (C = 512, one pyramid level to 128x128, float32, ms, 1 thread on a shared 2-core
-    AVX2 machine, interleaved medians; ``bench/bench_ops.py`` has the 2-thread figures):
-
-        from                                    64x64   32x32   16x16
-        9 x (F.interpolate + shifted add), NCHW   349     336     236
-        separable F.interpolate (w, then h), CL   666     475     292
-        banded GEMMs only (batched width), CL     160      48      27
-        bags + banded GEMM, channels-last (kept)   60      15      11
-        bags + banded GEMMs, NCHW (kept)           96      29      23
-
-    (channels-last ``F.interpolate`` alone is fast, but 9 full-size resizes plus 9 shifted adds are 27
-    full-size passes; the batched width GEMMs are tiny (8 x 6 @ 6 x 512) and BLAS runs them at ~5 GFLOP/s;
-    ``embedding_bag`` is a fused gather + weighted sum vectorised over C, i.e. exactly the width pass.)
-    A (h, w, 9, C) -> NCHW transpose of the taps costs more than the whole op (~200 ms at 64x64), hence
-    a native NCHW path rather than a conversion.
+    Why this algorithm and not the simpler ones (9 full-size resizes and shifted adds; separable
+    F.interpolate; batched banded GEMMs): measured in bench/results/decisions.md ("upsample_shift_add").
 """
 
 from functools import lru_cache

@@ -16,9 +16,8 @@ so one program reads its tile of x once and accumulates it into every bin of eve
 
 PyTorch path: the same single pass as the kernel, as one GEMM ``(B*C, H*W) @ M`` with the cached 0/1
 membership matrix M (H*W, NB), then a division by the areas (for maps where M would exceed 4M entries, the
-separable sandwich with all scales stacked: ``P @ X @ Q^T``, keeping the diagonal blocks). Measured at
-768 x 16 x 16, scales 1, 2, 3, 6, 1 thread: 4 x ``F.adaptive_avg_pool2d`` ~1.0 ms, separable ~0.45 ms,
-one GEMM ~0.33 ms (+ ~0.2 ms custom-op and split overhead). Float16 is computed in float32.
+separable sandwich with all scales stacked: ``P @ X @ Q^T``, keeping the diagonal blocks). Faster than the four
+adaptive pools and than the separable form (bench/results/decisions.md, "adaptive_pool_multi"). Float16 is computed in float32.
 """
 
 from functools import lru_cache

@@ -22,8 +22,7 @@ the input resized by ``F.interpolate`` itself, in channels-last (ATen's channels
 ~3x faster than its NCHW one), with a one-step margin so the crop's own edge clamping never reaches kept
 rows; for power-of-two ratios the source indices and weights are then bit-identical to the full resize.
 Otherwise (or when even one step exceeds the budget) each block resizes the source rows it reads along the
-width only and blends row pairs with ATen's weights. Measured at 150 x 128^2 -> 512^2, 1 thread: unfused
-~600 ms, gather blocks ~370 ms, crop blocks NCHW ~300 ms, crop blocks channels-last ~125 ms (kept). Labels
+width only and blends row pairs with ATen's weights. The channels-last crop blocks measured fastest (bench/results/decisions.md, "resize_argmax"). Labels
 can differ from the NCHW reference only where two logits tie to within float rounding (1 of 262144
 pixels for random logits). The resize itself (``resize_bilinear``) stays ``F.interpolate``: it is the
 reference, and the channels-last kernel does not pay for the transposes back to NCHW.

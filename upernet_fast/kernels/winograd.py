@@ -95,7 +95,7 @@ SPECS = {spec.tile: spec for spec in (F43, F63)}
 _BY_POINTS = {spec.points**2: spec for spec in SPECS.values()}
 
 TARGET_TILES = (
-    256  # tiles per block; C transforms, 512 ch, ms at 128²: 128: 148, 256: 130, 512: 136, 1024: 133
+    256  # tiles per block: workspaces stay in L2; best of 128-1024 (bench/results/decisions.md, "Winograd")
 )
 
 
