@@ -87,6 +87,13 @@ OPS: dict[str, Callable] = {
     "resize_argmax": kernels.resize_argmax,
 }
 
+# The concrete implementation of each op per backend, bound once: what `Ops` hands to the model layer
+# (each runs its own registered torch.library op, `upernet_fast::<op>_<backend>`; nothing branches later).
+IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    name: {backend: functools.partial(fn, backend=backend) for backend in ("torch", "triton")}
+    for name, fn in OPS.items()
+}
+
 Concrete = Literal["triton", "torch"]
 # Active `override` blocks (process-wide). A plain dict, not a ContextVar: torch.compile (dynamo) traces
 # dict lookups and guards on them, but cannot trace ContextVar.get.
@@ -250,7 +257,7 @@ def get_op(name: str, backend: str | None, device: torch.device | str | None = N
     ``resolve_backend``; an active ``override`` for this op wins)."""
     _check_op(name)
     chosen = _overrides.get(name, backend)
-    return functools.partial(OPS[name], backend=resolve_backend(chosen, device))
+    return IMPLEMENTATIONS[name][resolve_backend(chosen, device)]
 
 
 @contextlib.contextmanager
@@ -354,7 +361,7 @@ class Ops:
     def __getattr__(self, name: str) -> Callable:
         if name not in OPS:
             raise AttributeError(f"{type(self).__name__} has no op {name!r}; valid ops: {', '.join(OPS)}")
-        return functools.partial(OPS[name], backend=self.backend_of(name))
+        return IMPLEMENTATIONS[name][self.backend_of(name)]
 
     def __repr__(self) -> str:
         return (

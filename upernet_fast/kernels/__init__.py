@@ -1,7 +1,7 @@
 """Kernel layer: one file per fused op, each with a Triton kernel, its launcher, a PyTorch path and a
 ``torch.library`` registration (``torch.ops.upernet_fast.<op>``). No model knowledge lives here: nothing
 in this package imports from the rest of ``upernet_fast``; which implementation runs is decided by
-``upernet_fast.dispatch`` (the functions below take ``backend="torch"|"triton"``)."""
+``upernet_fast.dispatch`` (the functions below take ``backend="torch"|"triton"``; each backend is its own registered op, ``torch.ops.upernet_fast.<op>_<backend>``, so nothing branches inside an op)."""
 
 from ._common import HAS_TRITON
 from .conv_bn_relu import conv_bn_relu

@@ -11,6 +11,7 @@ evaluates ``l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] +
 """
 
 import os
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -44,6 +45,24 @@ def env_switch(name: str, default: bool = True) -> bool:
     if value in _OFF:
         return False
     raise ValueError(f"{name}={value!r} is not a switch; use 1 or 0 (or true/false, on/off, yes/no)")
+
+
+def register_ops(
+    name: str,
+    impls: Mapping[str, Callable],
+    fake: Callable | Mapping[str, Callable],
+    mutates_args: tuple[str, ...] = (),
+) -> dict[str, Callable]:
+    """Register each implementation as its own ``torch.library`` op ``upernet_fast::<name>_<backend>``
+    (so torch.compile traces through it as one opaque call) with its fake (shape/stride) function, one for
+    all or one per backend; returns backend -> op. The op runs exactly that implementation: the choice of
+    implementation is made once, by the caller (``upernet_fast.dispatch``), never inside the op."""
+    ops = {}
+    for backend, fn in impls.items():
+        op = torch.library.custom_op(f"upernet_fast::{name}_{backend}", fn, mutates_args=mutates_args)
+        op.register_fake(fake[backend] if isinstance(fake, Mapping) else fake)
+        ops[backend] = op
+    return ops
 
 
 def interpreting() -> bool:

@@ -27,7 +27,7 @@ makes the 1x1 convs fast (bench/results/decisions.md, "conv_bn_relu").
 import torch
 import torch.nn.functional as F
 
-from ._common import check_triton_tensors, out_memory_format, tl, triton
+from ._common import check_triton_tensors, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .winograd import conv3x3_winograd
 
@@ -189,27 +189,34 @@ def conv_bn_relu_torch(
     return y.contiguous(memory_format=out_memory_format(x))
 
 
-@torch.library.custom_op("upernet_fast::conv_bn_relu", mutates_args=())
-def _conv_bn_relu_op(
+def _conv_bn_relu_triton_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     padding: int,
     relu: bool,
     winograd_weight: torch.Tensor | None,
-    backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        return conv_bn_relu_triton(x, weight, bias, padding, relu)
-    return conv_bn_relu_torch(x, weight, bias, padding, relu, winograd_weight)
+    if winograd_weight is not None:
+        raise ValueError("conv_bn_relu: the Triton path computes convs directly; pass winograd_weight=None")
+    return conv_bn_relu_triton(x, weight, bias, padding, relu)
 
 
-@_conv_bn_relu_op.register_fake
-def _(x, weight, bias, padding, relu, winograd_weight, backend):
-    shape = _out_shape(x, weight, padding)
-    _check_winograd(weight, padding, winograd_weight)
-    fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
-    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+def _fake(backend: str):
+    def fake(x, weight, bias, padding, relu, winograd_weight=None):
+        shape = _out_shape(x, weight, padding)
+        _check_winograd(weight, padding, winograd_weight)
+        fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
+
+    return fake
+
+
+CONV_BN_RELU = register_ops(
+    "conv_bn_relu",
+    {"torch": conv_bn_relu_torch, "triton": _conv_bn_relu_triton_op},
+    {"torch": _fake("torch"), "triton": _fake("triton")},
+)
 
 
 def conv_bn_relu(
@@ -226,4 +233,4 @@ def conv_bn_relu(
     ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
     (``winograd.winograd_weight(weight, tile)``) the PyTorch path computes the 3x3 conv by Winograd
     F(tile x tile, 3x3)."""
-    return torch.ops.upernet_fast.conv_bn_relu(x, weight, bias, padding, relu, winograd_weight, backend)
+    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight)

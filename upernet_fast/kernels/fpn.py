@@ -58,6 +58,7 @@ from ._common import (
     opmath_dtype,
     out_memory_format,
     plane_block,
+    register_ops,
     tl,
     triton,
 )
@@ -149,20 +150,19 @@ def topdown_add_torch(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return up.add_(hi)
 
 
-@torch.library.custom_op("upernet_fast::topdown_add", mutates_args=())
-def _topdown_add_op(hi: torch.Tensor, lo: torch.Tensor, backend: str) -> torch.Tensor:
-    return (topdown_add_triton if backend == "triton" else topdown_add_torch)(hi, lo)
-
-
-@_topdown_add_op.register_fake
-def _(hi, lo, backend):
+def _topdown_add_fake(hi, lo):
     _check_topdown(hi, lo)
     return torch.empty_like(hi, memory_format=out_memory_format(hi))
 
 
+TOPDOWN_ADD = register_ops(
+    "topdown_add", {"torch": topdown_add_torch, "triton": topdown_add_triton}, _topdown_add_fake
+)
+
+
 def topdown_add(hi: torch.Tensor, lo: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
     """``hi + F.interpolate(lo, size=hi.shape[2:], mode="bilinear", align_corners=False)``."""
-    return torch.ops.upernet_fast.topdown_add(hi, lo, backend)
+    return TOPDOWN_ADD[backend](hi, lo)
 
 
 # ------------------------------------------------------------------------------------ upsample_shift_add
@@ -373,13 +373,7 @@ def upsample_shift_add_torch(
     return out.add_(result)  # layout or dtype of `out` differs from the taps': one extra pass
 
 
-@torch.library.custom_op("upernet_fast::upsample_shift_add", mutates_args=())
-def _upsample_shift_add_op(taps: torch.Tensor, size: list[int], backend: str) -> torch.Tensor:
-    return (upsample_shift_add_triton if backend == "triton" else upsample_shift_add_torch)(taps, size)
-
-
-@_upsample_shift_add_op.register_fake
-def _(taps, size, backend):
+def _usa_new_fake(taps, size):
     taps = _as_taps(taps)
     H, W = _check_usa(taps, size, None)
     B, _, C = taps.shape[:3]
@@ -388,14 +382,31 @@ def _(taps, size, backend):
     )
 
 
-@torch.library.custom_op("upernet_fast::upsample_shift_add_", mutates_args=("out",))
-def _upsample_shift_add_acc_op(taps: torch.Tensor, out: torch.Tensor, backend: str) -> None:
-    (upsample_shift_add_triton if backend == "triton" else upsample_shift_add_torch)(taps, out.shape[2:], out)
-
-
-@_upsample_shift_add_acc_op.register_fake
-def _(taps, out, backend):
+def _usa_acc_fake(taps, out):
     _check_usa(_as_taps(taps), out.shape[2:], out)
+
+
+def _usa_new(impl):
+    def new(taps: torch.Tensor, size: list[int]) -> torch.Tensor:
+        return impl(taps, size)
+
+    return new
+
+
+def _usa_acc(impl):
+    def accumulate(taps: torch.Tensor, out: torch.Tensor) -> None:
+        impl(taps, out.shape[2:], out)
+
+    return accumulate
+
+
+_USA_IMPLS = {"torch": upsample_shift_add_torch, "triton": upsample_shift_add_triton}
+UPSAMPLE_SHIFT_ADD = register_ops(
+    "upsample_shift_add", {b: _usa_new(f) for b, f in _USA_IMPLS.items()}, _usa_new_fake
+)
+UPSAMPLE_SHIFT_ADD_ = register_ops(
+    "upsample_shift_add_acc", {b: _usa_acc(f) for b, f in _USA_IMPLS.items()}, _usa_acc_fake, ("out",)
+)
 
 
 def upsample_shift_add(
@@ -408,8 +419,8 @@ def upsample_shift_add(
     """``sum_t shift_t(resize_bilinear(taps[:, t], size))`` (= ``conv3x3(resize(x))`` when ``taps`` are the
     1x1-conv taps of ``x``), as (B, C, H, W); accumulated into ``out`` (and returned) when given."""
     if out is None:
-        return torch.ops.upernet_fast.upsample_shift_add(taps, [int(s) for s in size], backend)
+        return UPSAMPLE_SHIFT_ADD[backend](taps, [int(s) for s in size])
     if tuple(out.shape[2:]) != (int(size[0]), int(size[1])):
         raise ValueError(f"upsample_shift_add: out has spatial size {tuple(out.shape[2:])}, size is {size}")
-    torch.ops.upernet_fast.upsample_shift_add_(taps, out, backend)
+    UPSAMPLE_SHIFT_ADD_[backend](taps, out)
     return out

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from ._common import check_triton_tensors, opmath_dtype, tl, triton
+from ._common import check_triton_tensors, opmath_dtype, register_ops, tl, triton
 
 __all__ = ["adaptive_pool_multi", "adaptive_pool_multi_triton", "adaptive_pool_multi_torch"]
 
@@ -161,17 +161,17 @@ def adaptive_pool_multi_torch(x: torch.Tensor, scales: list[int]) -> list[torch.
     return _split((sums / area).to(x.dtype), key)
 
 
-@torch.library.custom_op("upernet_fast::adaptive_pool_multi", mutates_args=())
-def _adaptive_pool_multi_op(x: torch.Tensor, scales: list[int], backend: str) -> list[torch.Tensor]:
-    impl = adaptive_pool_multi_triton if backend == "triton" else adaptive_pool_multi_torch
-    return impl(x, scales)
-
-
-@_adaptive_pool_multi_op.register_fake
-def _(x, scales, backend):
+def _adaptive_pool_multi_fake(x, scales):
     return [x.new_empty((x.shape[0], x.shape[1], s, s)) for s in scales]
+
+
+ADAPTIVE_POOL_MULTI = register_ops(
+    "adaptive_pool_multi",
+    {"torch": adaptive_pool_multi_torch, "triton": adaptive_pool_multi_triton},
+    _adaptive_pool_multi_fake,
+)
 
 
 def adaptive_pool_multi(x: torch.Tensor, scales: list[int], *, backend: str = "torch") -> list[torch.Tensor]:
     """``[F.adaptive_avg_pool2d(x, s) for s in scales]`` in one pass over ``x`` (contiguous outputs)."""
-    return torch.ops.upernet_fast.adaptive_pool_multi(x, list(scales), backend)
+    return ADAPTIVE_POOL_MULTI[backend](x, list(scales))

@@ -43,6 +43,7 @@ from ._common import (
     opmath_dtype,
     out_memory_format,
     plane_block,
+    register_ops,
     tl,
     triton,
 )
@@ -226,41 +227,43 @@ def _resize_argmax_gather(x: torch.Tensor, H: int, W: int, block_bytes: int) -> 
     return y
 
 
-@torch.library.custom_op("upernet_fast::resize_bilinear", mutates_args=())
-def _resize_bilinear_op(x: torch.Tensor, size: list[int], backend: str) -> torch.Tensor:
-    impl = resize_bilinear_triton if backend == "triton" else resize_bilinear_torch
-    return impl(x, size)
-
-
-@_resize_bilinear_op.register_fake
-def _(x, size, backend):
+def _resize_bilinear_fake(x, size):
     H, W = _check(x, size)
     return torch.empty(
         (x.shape[0], x.shape[1], H, W), device=x.device, dtype=x.dtype, memory_format=out_memory_format(x)
     )
 
 
-@torch.library.custom_op("upernet_fast::resize_argmax", mutates_args=())
-def _resize_argmax_op(x: torch.Tensor, size: list[int], backend: str) -> torch.Tensor:
-    impl = resize_argmax_triton if backend == "triton" else resize_argmax_torch
-    return impl(x, size)
-
-
-@_resize_argmax_op.register_fake
-def _(x, size, backend):
+def _resize_argmax_fake(x, size):
     H, W = _check(x, size)
     return x.new_empty((x.shape[0], H, W), dtype=torch.int64)
+
+
+RESIZE_BILINEAR = register_ops(
+    "resize_bilinear",
+    {"torch": resize_bilinear_torch, "triton": resize_bilinear_triton},
+    _resize_bilinear_fake,
+)
+
+
+def _resize_argmax_torch_op(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    return resize_argmax_torch(x, size)  # default block budgets
+
+
+RESIZE_ARGMAX = register_ops(
+    "resize_argmax", {"torch": _resize_argmax_torch_op, "triton": resize_argmax_triton}, _resize_argmax_fake
+)
 
 
 def resize_bilinear(
     x: torch.Tensor, size: list[int] | tuple[int, int], *, backend: str = "torch"
 ) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (any ratio, up or down)."""
-    return torch.ops.upernet_fast.resize_bilinear(x, [int(s) for s in size], backend)
+    return RESIZE_BILINEAR[backend](x, [int(s) for s in size])
 
 
 def resize_argmax(
     x: torch.Tensor, size: list[int] | tuple[int, int], *, backend: str = "torch"
 ) -> torch.Tensor:
     """``resize_bilinear(x, size).argmax(1)`` (int64, (B, H, W)) without materialising the resized logits."""
-    return torch.ops.upernet_fast.resize_argmax(x, [int(s) for s in size], backend)
+    return RESIZE_ARGMAX[backend](x, [int(s) for s in size])
