@@ -95,3 +95,32 @@ def test_plan_names_layers_and_reasons(wide_reference):
     assert all(p["impl"] and p["why"] for p in plan)
     exact = upernet_fast.load(wide_reference, winograd=False).plan(96, 128)
     assert not any("Winograd" in p["impl"] for p in exact)
+
+
+def test_plan_is_decided_once_per_input_signature_then_replayed(wide_reference, monkeypatch):
+    """The first forward with an input signature decides (and records) every choice; later forwards replay
+    the frozen plan without deciding again; another size or a switch change gets its own plan."""
+    fast = upernet_fast.load(wide_reference, tune=False)
+    calls = []
+    real = dispatch.winograd_choice
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "winograd_choice", spy)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        first = fast(x).logits
+        decided = len(calls)
+        assert decided > 0
+        again = fast(x).logits
+    assert len(calls) == decided and torch.equal(first, again)
+    plan = fast.plan(96, 128)
+    assert len(calls) == decided and plan and all(p["why"] for p in plan)
+    fast.plan(64, 64)  # another size: decided anew
+    assert len(calls) > decided
+    n = len(calls)
+    fast.winograd = False  # a switch is part of the signature
+    assert not any("Winograd" in p["impl"] for p in fast.plan(96, 128))
+    assert len(calls) > n

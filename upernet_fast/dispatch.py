@@ -51,8 +51,7 @@ __all__ = [
     "resolve_backend",
     "merge_into_winograd",
     "native_bf16",
-    "record",
-    "recording",
+    "Plan",
     "tune_default",
     "warn_if_emulated",
     "winograd_choice",
@@ -133,25 +132,20 @@ def tune_default() -> bool:
     return env_switch(TUNE_ENV_VAR)
 
 
-# Plan recording (`FastUperNet.plan`): (owner module, part, implementation, why) per decision while active.
-_recorder: list[tuple[object, str, str, str]] | None = None
+class Plan:
+    """The implementation decisions of one model for one input signature (shape, dtype, device and the
+    model's switches), made during the first forward with that signature and then frozen: later forwards
+    replay them instead of deciding again, and ``FastUperNet.plan`` prints them. Each decision keeps why it
+    was made (default rule, measured on this CPU, or forced by a switch)."""
 
+    def __init__(self) -> None:
+        self.frozen = False
+        self.choices: dict[tuple[int, str], tuple[int, str]] = {}
+        self.notes: list[tuple[object, str, str, str]] = []  # (owner module, part, implementation, why)
 
-def record(owner: object, part: str, impl: str, why: str) -> None:
-    """Note one implementation decision for the plan being recorded (no-op otherwise)."""
-    if _recorder is not None:
-        _recorder.append((owner, part, impl, why))
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[tuple[object, str, str, str]]]:
-    """Collect the decisions `record` notes inside the block."""
-    global _recorder
-    saved, _recorder = _recorder, []
-    try:
-        yield _recorder
-    finally:
-        _recorder = saved
+    def note(self, owner: object, part: str, impl: str, why: str) -> None:
+        if not self.frozen:
+            self.notes.append((owner, part, impl, why))
 
 
 def winograd_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, str]:
@@ -295,6 +289,7 @@ class Ops:
         self.device = torch.device("cpu" if device is None else device)
         self.winograd = winograd_default() if winograd is None else bool(winograd)
         self.tune = tune_default() if tune is None else bool(tune)
+        self.plan: Plan | None = None  # set by the model for one forward (see `Plan`)
         self.overrides = dict(overrides or {})
         for name, choice in self.overrides.items():
             _check_op(name)
@@ -320,7 +315,7 @@ class Ops:
     ) -> torch.Tensor:
         """``conv_bn_relu`` with the implementation ``winograd_choice`` picks (the Winograd weight built
         once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan."""
-        tile, why = winograd_choice(self, x, weight, padding)
+        tile, why = self.choice(owner, name, x, weight, padding)
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
@@ -340,23 +335,40 @@ class Ops:
         """The 3x3 conv (padding 1, no ReLU) of the channel concatenation of ``x`` and ``x2`` (never built)
         as one Winograd conv of the tile ``winograd_choice`` picks for ``x`` (callers check
         ``merge_into_winograd`` first). ``weight()`` gives the folded (Cout, Cx + Cx2, 3, 3) weight."""
-        tile, why = winograd_choice(self, x, weight()[:, : x.shape[1]], 1)
+        tile, why = self.choice(owner, name, x, weight()[:, : x.shape[1]], 1)
         if not tile:
             raise RuntimeError("conv_pair needs a Winograd tile; check merge_into_winograd first")
         u = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight(), tile))
         self._note(owner, f"{name} (level-0 group + merged upsampled level 1)", x, weight(), tile, why)
         return conv3x3_winograd_pair(x, x2, u, None if bias is None else bias.to(x.dtype), False)
 
+    def choice(
+        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, padding: int
+    ) -> tuple[int, str]:
+        """``winograd_choice``, made once per plan and replayed afterwards."""
+        if self.plan is None:
+            return winograd_choice(self, x, weight, padding)
+        key = (id(owner), name)
+        choice = self.plan.choices.get(key)
+        if choice is None:
+            choice = self.plan.choices[key] = winograd_choice(self, x, weight, padding)
+        return choice
+
+    def note(self, owner: object, part: str, impl: str, why: str) -> None:
+        """Record one decision in the plan being built (no-op once it is frozen, or without a plan)."""
+        if self.plan is not None:
+            self.plan.note(owner, part, impl, why)
+
     def _note(
         self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, tile: int, why: str
     ) -> None:
-        if _recorder is None:
+        if self.plan is None or self.plan.frozen:
             return
         k = weight.shape[-1]
         shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
         backend = self.backend_of("conv_bn_relu")
         impl = f"Winograd F({tile}x{tile})" if tile else ("oneDNN/MKL" if backend == "torch" else "Triton")
-        record(owner, f"{name}: {shape}", impl, why)
+        self.plan.note(owner, f"{name}: {shape}", impl, why)
 
     def __getattr__(self, name: str) -> Callable:
         if name not in OPS:

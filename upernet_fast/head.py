@@ -122,7 +122,8 @@ class UperNetHead(nn.Module):
         convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low))
         size = direct.shape[2:]
-        tile, _ = dispatch.winograd_choice(ops, direct, w_direct, 1)
+        name = f"direct{direct.shape[1]}_{len(low)}"
+        tile, _ = ops.choice(module, name, direct, w_direct, 1)
         if low and dispatch.merge_into_winograd(tile, low[0].shape[2:], size):
             first = direct.shape[1]
             up = ops.resize_bilinear(low[0], size).to(direct.dtype)
@@ -130,14 +131,13 @@ class UperNetHead(nn.Module):
             out = ops.conv_pair(module, f"merged{first}_{len(low)}", module.sources, direct, up, merged, bias)
             low, w_taps = low[1:], w_taps[1:]
         else:
-            name = f"direct{direct.shape[1]}_{len(low)}"
             out = ops.conv(module, name, module.sources, direct, w_direct, bias, 1, False)
         if low and out.dtype in _ACCUMULATE_IN_FLOAT32:
             # bf16/fp16 compute: the groups are summed in float32 (the shift-add's own op-math type, so it
             # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
             out = out.float()
         for feat, wt in zip(low, w_taps, strict=True):
-            dispatch.record(
+            ops.note(
                 module,
                 f"upsampled group {feat.shape[1]} ch @ {feat.shape[2]}x{feat.shape[3]} -> {size[0]}x{size[1]}",
                 "low-resolution taps + upsample-shift-add",

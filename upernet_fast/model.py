@@ -17,6 +17,8 @@ from .config import UperNetConfig
 from .head import UperNetFCNHead, UperNetHead
 from .outputs import SemanticSegmenterOutput
 
+MAX_PLANS = 64  # input signatures whose plans are kept (least recently used dropped)
+
 
 class FastUperNet(nn.Module):
     main_input_name = "pixel_values"
@@ -45,6 +47,7 @@ class FastUperNet(nn.Module):
         self.backend = dispatch.default_backend() if backend is None else dispatch.check_backend(backend)
         self.winograd = dispatch.winograd_default() if winograd is None else bool(winograd)
         self.tune = dispatch.tune_default() if tune is None else bool(tune)
+        self._plans: dict[tuple, dispatch.Plan] = {}  # per input signature, see `plan`
         self.eval()
 
     # ------------------------------------------------------------------ construction and IO
@@ -94,18 +97,38 @@ class FastUperNet(nn.Module):
 
     def plan(self, height: int = 512, width: int = 512, batch: int = 1) -> list[dict[str, str]]:
         """Which implementation each decode-head layer runs for inputs of this size, and why (default
-        rule, measured on this CPU, or forced), as recorded from one forward pass on zeros. Tuning, when
-        on, happens here if this machine never measured these shapes."""
+        rule, measured on this CPU, or forced): the frozen plan of that input signature, built by one
+        forward pass on zeros if no call has built it yet (tuning, when on, happens then if this machine
+        never measured these shapes)."""
         x = torch.zeros(
             batch, self.backbone.num_channels, height, width, dtype=self.dtype, device=self.device
         )
-        names = {id(m): n for n, m in self.named_modules()}
-        with dispatch.recording() as notes:
+        plan = self._plans.get(self._plan_key(x))
+        if plan is None or not plan.frozen:
             self(x)
+            plan = self._plans[self._plan_key(x)]
+        names = {id(m): n for n, m in self.named_modules()}
         return [
             {"layer": names.get(id(owner), type(owner).__name__), "part": part, "impl": impl, "why": why}
-            for owner, part, impl, why in notes
+            for owner, part, impl, why in plan.notes
         ]
+
+    def _plan_key(self, pixel_values: torch.Tensor) -> tuple:
+        return (
+            tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device,
+            self.backend, self.winograd, self.tune, tuple(sorted(dispatch._overrides.items())),
+        )  # fmt: skip
+
+    def _plan_for(self, pixel_values: torch.Tensor) -> dispatch.Plan | None:
+        """The plan of this input signature (None while compiling: dynamo traces the plain decisions)."""
+        if torch.compiler.is_compiling():
+            return None
+        key = self._plan_key(pixel_values)
+        plan = self._plans.pop(key, None) or dispatch.Plan()
+        self._plans[key] = plan  # most recently used last
+        while len(self._plans) > MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        return plan
 
     def _check_pixel_values(self, pixel_values: Any) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -173,18 +196,21 @@ class FastUperNet(nn.Module):
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
 
         ops = self.ops_for(pixel_values.device)
+        ops.plan = self._plan_for(pixel_values)
         if not torch.compiler.is_compiling():
             dispatch.warn_if_emulated(pixel_values.dtype, pixel_values.device)
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
         # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).
-        # The head returns float32 logits whatever the compute dtype (see UperNetHead.classify).
+        # The head returns float32 logits for a bf16/fp16 model (see UperNetHead.classify).
         logits = ops.resize_bilinear(self.decode_head(features, ops).contiguous(), pixel_values.shape[2:])
 
         loss = None
         if labels is not None:
             loss = self._loss(logits, features, labels, pixel_values.shape[2:], ops)
+        if ops.plan is not None:
+            ops.plan.frozen = True  # later calls with this signature replay its decisions
 
         if not return_dict:
             # transformers slices the backbone output tuple (None fields dropped) the same way.
