@@ -383,11 +383,11 @@ def test_dispatch_traces_under_compile() -> None:
 # ------------------------------------------------------------------------------ large CPU output buffers
 def test_conv_bn_relu_1x1_gemm_path() -> None:
     """Large 1x1 convs on channels-last input run as one MKL GEMM into a huge-page buffer (odd sizes)."""
-    from upernet_fast.kernels.conv_bn_relu import _gemm_1x1
+    from upernet_fast.kernels.conv_bn_relu import gemm_by_default
 
     x, w, b = cl(rand(1, 96, 67, 131)), rand(300, 96, 1, 1, seed=1), rand(300, seed=2)
-    assert _gemm_1x1(x, w), "this case must take the GEMM path"
-    assert not _gemm_1x1(x.contiguous(), w) and not _gemm_1x1(x, w[:150])
+    assert gemm_by_default(x, w), "this case must take the GEMM path"
+    assert not gemm_by_default(x.contiguous(), w) and not gemm_by_default(x, w[:150])
     for bias in (b, None):
         for relu in (False, True):
             y = conv_bn_relu(x, w, bias, 0, relu)

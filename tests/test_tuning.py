@@ -40,6 +40,9 @@ def test_calibration_measures_once_and_is_cached_per_machine(tuning_cache, monke
     monkeypatch.setattr(tuning, "measure_conv3x3", spy)
     assert tuning.winograd_tile(8, 8, 20, 20) == (-1, "too small to time reliably")
     assert calls == []
+    gemm, gemm_why = tuning.gemm_1x1(256, 512, 40, 40, torch.float32)
+    assert isinstance(gemm, bool) and gemm_why.startswith("measured on this CPU")
+    assert "tuned conv1x1:256->512@40x40:float32" in capsys.readouterr().err
     tile, why = tuning.winograd_tile(64, 64, 20, 300)  # width capped at CAP
     assert tile in tuning.CANDIDATES and why.startswith("measured on this CPU")
     assert calls == [(64, 64, 20, tuning.CAP)]
@@ -71,11 +74,12 @@ def test_tune_switch_uses_the_default_rules(monkeypatch):
         upernet_fast.load(make_reference("convnext"))
 
 
-@pytest.mark.parametrize("forced", [0, 4, 6])
-def test_every_plan_the_calibration_can_pick_matches_transformers(wide_reference, monkeypatch, forced):
+@pytest.mark.parametrize("forced,gemm", [(0, False), (4, True), (6, False), (6, True)])
+def test_every_plan_the_calibration_can_pick_matches_transformers(wide_reference, monkeypatch, forced, gemm):
     """Whatever the measurements say on a machine, the model stays within tolerance: force each
-    candidate for every tuned conv and compare with transformers."""
+    candidate for every tuned conv (3x3 algorithm, 1x1 as GEMM or oneDNN) and compare with transformers."""
     monkeypatch.setattr(tuning, "winograd_tile", lambda *a: (forced, f"forced {forced}"))
+    monkeypatch.setattr(tuning, "gemm_1x1", lambda *a: (gemm, f"forced gemm {gemm}"))
     fast = upernet_fast.load(wide_reference, tune=True)
     x = torch.randn(1, 3, 133, 197, generator=torch.Generator().manual_seed(3))  # level 0: 33x49
     with torch.no_grad():
@@ -85,6 +89,8 @@ def test_every_plan_the_calibration_can_pick_matches_transformers(wide_reference
     assert tuned, plan
     expected = f"Winograd F({forced}x{forced})" if forced else "oneDNN/MKL"
     assert all(p["impl"] == expected for p in tuned), tuned
+    ones = [p for p in plan if p["why"] == f"forced gemm {gemm}"]
+    assert ones and all(p["impl"] == ("GEMM" if gemm else "oneDNN") for p in ones), plan
 
 
 def test_plan_names_layers_and_reasons(wide_reference):

@@ -176,6 +176,25 @@ def winograd_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: in
     return tile, f"{prefix}: F({tile}x{tile}) {'from' if tile == 6 else 'below'} {WINOGRAD_F6_MIN_SIDE} px"
 
 
+def gemm_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[bool | None, str]:
+    """(as one GEMM?, why) for a 1x1 conv: measured on this machine when tuning is on and the conv can run
+    as a GEMM (CPU, channels-last float32/bf16), else None: the kernel's default rule
+    (``kernels.conv_bn_relu.gemm_by_default``)."""
+    from .kernels.conv_bn_relu import gemm_possible
+
+    if ops.backend_of("conv_bn_relu") != "torch":
+        return None, "Triton backend"
+    if not gemm_possible(x, weight):
+        return None, "oneDNN: not a channels-last CPU float32/bf16 input"
+    c_out, c_in = weight.shape[:2]
+    if ops.tune and not torch.compiler.is_compiling():
+        gemm, why = tuning.gemm_1x1(c_in, c_out, x.shape[2], x.shape[3], x.dtype)
+        if gemm is not None:
+            return gemm, why
+        return None, f"default rule ({why}): GEMM for 256+ output channels and outputs of 8+ MB"
+    return None, "default rule: GEMM for 256+ output channels and outputs of 8+ MB"
+
+
 def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> int:
     """The tile of ``winograd_choice`` (0: direct conv)."""
     return winograd_choice(ops, x, weight, padding)[0]
@@ -315,11 +334,15 @@ class Ops:
     ) -> torch.Tensor:
         """``conv_bn_relu`` with the implementation ``winograd_choice`` picks (the Winograd weight built
         once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan."""
+        if weight.shape[-1] == 1:
+            gemm, why = self.choice(owner, name, x, weight, padding, gemm_choice)
+            self._note(owner, name, x, weight, why, "GEMM" if gemm else "oneDNN" if gemm is False else None)
+            return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm)
         tile, why = self.choice(owner, name, x, weight, padding)
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
-        self._note(owner, name, x, weight, tile, why)
+        self._note(owner, name, x, weight, why, f"Winograd F({tile}x{tile})" if tile else None)
         return self.conv_bn_relu(x, weight, bias, padding, relu, wino)
 
     def conv_pair(
@@ -339,19 +362,34 @@ class Ops:
         if not tile:
             raise RuntimeError("conv_pair needs a Winograd tile; check merge_into_winograd first")
         u = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight(), tile))
-        self._note(owner, f"{name} (level-0 group + merged upsampled level 1)", x, weight(), tile, why)
+        self._note(
+            owner,
+            f"{name} (level-0 group + merged upsampled level 1)",
+            x,
+            weight(),
+            why,
+            f"Winograd F({tile}x{tile})",
+        )
         return conv3x3_winograd_pair(x, x2, u, None if bias is None else bias.to(x.dtype), False)
 
     def choice(
-        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, padding: int
-    ) -> tuple[int, str]:
-        """``winograd_choice``, made once per plan and replayed afterwards."""
+        self,
+        owner: object,
+        name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: int,
+        decide: Callable | None = None,
+    ) -> tuple:
+        """``decide(self, x, weight, padding)`` (default ``winograd_choice``), made once per plan and
+        replayed afterwards."""
+        decide = winograd_choice if decide is None else decide
         if self.plan is None:
-            return winograd_choice(self, x, weight, padding)
+            return decide(self, x, weight, padding)
         key = (id(owner), name)
         choice = self.plan.choices.get(key)
         if choice is None:
-            choice = self.plan.choices[key] = winograd_choice(self, x, weight, padding)
+            choice = self.plan.choices[key] = decide(self, x, weight, padding)
         return choice
 
     def note(self, owner: object, part: str, impl: str, why: str) -> None:
@@ -360,14 +398,14 @@ class Ops:
             self.plan.note(owner, part, impl, why)
 
     def _note(
-        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, tile: int, why: str
+        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, why: str, impl: str | None
     ) -> None:
         if self.plan is None or self.plan.frozen:
             return
         k = weight.shape[-1]
         shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
-        backend = self.backend_of("conv_bn_relu")
-        impl = f"Winograd F({tile}x{tile})" if tile else ("oneDNN/MKL" if backend == "torch" else "Triton")
+        if impl is None:
+            impl = "oneDNN/MKL" if self.backend_of("conv_bn_relu") == "torch" else "Triton"
         self.plan.note(owner, f"{name}: {shape}", impl, why)
 
     def __getattr__(self, name: str) -> Callable:

@@ -136,14 +136,17 @@ class UperNetHead(nn.Module):
             # bf16/fp16 compute: the groups are summed in float32 (the shift-add's own op-math type, so it
             # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
             out = out.float()
-        for feat, wt in zip(low, w_taps, strict=True):
+        for i, (feat, wt) in enumerate(zip(low, w_taps, strict=True)):
             ops.note(
                 module,
                 f"upsampled group {feat.shape[1]} ch @ {feat.shape[2]}x{feat.shape[3]} -> {size[0]}x{size[1]}",
                 "low-resolution taps + upsample-shift-add",
                 "exact rewrite (conv3x3 of an upsampled map = shift-add of upsampled taps)",
             )
-            out = ops.upsample_shift_add(ops.conv_bn_relu(feat, wt, None, 0, False), out.shape[2:], out=out)
+            taps = ops.conv(
+                module, f"taps{i}_{feat.shape[2]}x{feat.shape[3]}", module.sources, feat, wt, None, 0, False
+            )
+            out = ops.upsample_shift_add(taps, out.shape[2:], out=out)
         return F.relu_(out)
 
     def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:

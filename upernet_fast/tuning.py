@@ -3,7 +3,8 @@
 Which convolution algorithm is fastest for a layer depends on the CPU: on an AVX2 EPYC, Winograd F(6x6)
 beat F(4x4) for 512-channel 3x3 convs from 64x64 maps on; on an AVX-512 Xeon F(4x4) won at 128x128 and
 F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So the first time a conv
-shape is seen, each candidate (oneDNN's direct conv, Winograd F(4x4), F(6x6)) is timed once on random
+shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6); 1x1 on channels-last
+input: oneDNN or one GEMM into a huge-page buffer) is timed once on random
 data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
 reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
@@ -115,16 +116,60 @@ def winograd_tile(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
         best = min(times, key=times.get)
         entry = {"tile": best, "ms": {str(k): round(v, 3) for k, v in times.items()}}
         table[name] = entry
-        try:
-            _save(path, table)
-        except OSError as e:  # a read-only cache only costs a re-measurement next time
-            print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
-        print(
-            f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): "
-            f"{describe(entry)}",
-            file=sys.stderr,
-        )
+        _store(path, table, name, entry, start)
     return int(entry["tile"]), f"measured on this CPU: {describe(entry)}"
+
+
+def measure_conv1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -> dict[int, float]:
+    """ms of one 1x1 conv + bias (batch 1, channels-last, h x w) on oneDNN (0) and as one GEMM (1)."""
+    from .kernels.conv_bn_relu import conv_bn_relu_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c_in, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, 1, 1, generator=g) / c_in**0.5).to(dtype)
+    with torch.no_grad():
+        return {
+            int(gemm): _time_ms(lambda gemm=gemm: conv_bn_relu_torch(x, weight, None, 0, False, None, gemm))
+            for gemm in (False, True)
+        }
+
+
+def gemm_1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -> tuple[bool | None, str]:
+    """(as GEMM?, why) for a 1x1 conv of this shape on this machine, measured once (None: too small to
+    time, the caller's default rule applies)."""
+    ch, cw = min(h, CAP), min(w, CAP)
+    if c_in * c_out * ch * cw < MIN_MACS:
+        return None, "too small to time reliably"
+    name = f"conv1x1:{c_in}->{c_out}@{ch}x{cw}:{str(dtype).removeprefix('torch.')}"
+    path = cache_path()
+    table = _table(path)
+    entry = table.get(name)
+    if entry is None:
+        start = time.perf_counter()
+        times = measure_conv1x1(c_in, c_out, ch, cw, dtype)
+        entry = table[name] = {
+            "gemm": min(times, key=times.get),
+            "ms": {str(k): round(v, 3) for k, v in times.items()},
+        }
+        _store(path, table, name, entry, start)
+    return bool(entry["gemm"]), f"measured on this CPU: {describe_gemm(entry)}"
+
+
+def describe_gemm(entry: dict) -> str:
+    ms = ", ".join(f"{('oneDNN', 'GEMM')[int(k)]} {v:.3g} ms" for k, v in entry["ms"].items())
+    return f"{ms} -> {('oneDNN', 'GEMM')[int(entry['gemm'])]}"
+
+
+def _store(path: Path, table: dict[str, dict], name: str, entry: dict, start: float) -> None:
+    try:
+        _save(path, table)
+    except OSError as e:  # a read-only cache only costs a re-measurement next time
+        print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
+    what = describe_gemm(entry) if "gemm" in entry else describe(entry)
+    print(
+        f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): {what}",
+        file=sys.stderr,
+    )
 
 
 TILE_NAMES = {0: "direct", 4: "F(4x4)", 6: "F(6x6)"}

@@ -15,7 +15,7 @@ accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bia
 the accumulator before the single store.
 
 PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU); large, wide 1x1 convs
-on channels-last input as one GEMM into a huge-page output (``_gemm_1x1``: MKL in float32, oneDNN/AMX in
+on channels-last input as one GEMM into a huge-page output (``gemm_by_default``: MKL in float32, oneDNN/AMX in
 bfloat16); or, when the caller passes
 ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the Winograd
 F(4x4, 3x3) / F(6x6, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether and which
@@ -136,19 +136,22 @@ def _torch_out_format(x: torch.Tensor, winograd_weight: torch.Tensor | None) -> 
     return torch.channels_last if winograd_weight is not None else out_memory_format(x)
 
 
-def _gemm_1x1(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a 1x1 conv runs as one MKL GEMM into a huge-page output (``_conv1x1_gemm``) instead of
-    oneDNN: CPU float32, channels-last input, a large output (its page faults otherwise dominate) and at
-    least 256 output channels, where the GEMM measured faster (bench/results/decisions.md, "_gemm_1x1")."""
-    b, c_out, h, w = x.shape[0], weight.shape[0], x.shape[2], x.shape[3]
+def gemm_possible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a 1x1 conv of ``x`` can run as one GEMM: CPU float32/bfloat16, channels-last input."""
     return (
         weight.shape[2:] == (1, 1)
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
-        and c_out >= 256
-        and b * c_out * h * w * 4 >= MIN_BYTES
         and x.permute(0, 2, 3, 1).is_contiguous()
     )
+
+
+def gemm_by_default(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The default rule for running a 1x1 conv as one GEMM into a huge-page output (``_conv1x1_gemm``)
+    instead of oneDNN: a large output (its page faults otherwise dominate) and at least 256 output
+    channels, where the GEMM measured faster (bench/results/decisions.md, "_gemm_1x1")."""
+    b, c_out, h, w = x.shape[0], weight.shape[0], x.shape[2], x.shape[3]
+    return gemm_possible(x, weight) and c_out >= 256 and b * c_out * h * w * 4 >= MIN_BYTES
 
 
 def _conv1x1_gemm(
@@ -175,13 +178,14 @@ def conv_bn_relu_torch(
     padding: int,
     relu: bool,
     winograd_weight: torch.Tensor | None = None,
+    gemm: bool | None = None,
 ) -> torch.Tensor:
     _out_shape(x, weight, padding)
     _check_winograd(weight, padding, winograd_weight)
     if winograd_weight is not None:
         b = None if bias is None else bias.to(x.dtype)
         return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
-    if _gemm_1x1(x, weight):
+    if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
         return _conv1x1_gemm(x, weight, bias, relu)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
     if relu:
@@ -195,7 +199,8 @@ def _conv_bn_relu_triton_op(
     bias: torch.Tensor | None,
     padding: int,
     relu: bool,
-    winograd_weight: torch.Tensor | None,
+    winograd_weight: torch.Tensor | None = None,
+    gemm: bool | None = None,
 ) -> torch.Tensor:
     if winograd_weight is not None:
         raise ValueError("conv_bn_relu: the Triton path computes convs directly; pass winograd_weight=None")
@@ -203,7 +208,7 @@ def _conv_bn_relu_triton_op(
 
 
 def _fake(backend: str):
-    def fake(x, weight, bias, padding, relu, winograd_weight=None):
+    def fake(x, weight, bias, padding, relu, winograd_weight=None, gemm=None):
         shape = _out_shape(x, weight, padding)
         _check_winograd(weight, padding, winograd_weight)
         fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
@@ -226,11 +231,13 @@ def conv_bn_relu(
     padding: int,
     relu: bool,
     winograd_weight: torch.Tensor | None = None,
+    gemm: bool | None = None,
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
     """``relu?(conv2d(x, weight, bias, stride=1, padding))`` for 1x1/3x3 kernels; ``backend`` is
     ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
     (``winograd.winograd_weight(weight, tile)``) the PyTorch path computes the 3x3 conv by Winograd
-    F(tile x tile, 3x3)."""
-    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight)
+    F(tile x tile, 3x3). ``gemm``: run a 1x1 conv on channels-last input as one GEMM (True), on oneDNN
+    (False), or as ``gemm_by_default`` says (None); the Triton path ignores it."""
+    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm)
