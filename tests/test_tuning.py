@@ -130,3 +130,10 @@ def test_plan_is_decided_once_per_input_signature_then_replayed(wide_reference, 
     fast.winograd = False  # a switch is part of the signature
     assert not any("Winograd" in p["impl"] for p in fast.plan(96, 128))
     assert len(calls) > n
+
+
+def test_timing_noise_does_not_flip_the_default_choice():
+    """A candidate replaces the default rule's choice only when it is more than MARGIN faster."""
+    assert tuning._pick({0: 10.0, 4: 9.8, 6: 12.0}, default=0) == 0  # 2% faster: noise
+    assert tuning._pick({0: 10.0, 4: 9.0, 6: 12.0}, default=0) == 4  # 10% faster: measured win
+    assert tuning._pick({0: 10.0, 1: 9.0}, default=1) == 1

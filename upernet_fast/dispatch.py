@@ -36,6 +36,7 @@ import torch
 from . import kernels, tuning
 from .folding import cached
 from .kernels._common import env_switch, interpreting
+from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 __all__ = [
@@ -163,32 +164,32 @@ def winograd_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: in
     if ops.backend_of("conv_bn_relu") != "torch":
         return 0, "direct: Triton backend"
     h, w = x.shape[2:]
-    prefix = "default rule"
-    if ops.tune and not torch.compiler.is_compiling():
-        tile, why = tuning.winograd_tile(c_in, c_out, h, w)
-        if tile >= 0:
-            return tile, why
-        prefix += f" ({why})"
     side = min(h, w)
     if not any(min(c_in, c_out) >= c and side >= s for c, s in WINOGRAD_WINS):
-        return 0, f"{prefix}: direct below {WINOGRAD_WINS} (min channels, min side)"
-    tile = 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
-    return tile, f"{prefix}: F({tile}x{tile}) {'from' if tile == 6 else 'below'} {WINOGRAD_F6_MIN_SIDE} px"
+        default, rule = 0, f"direct below {WINOGRAD_WINS} (min channels, min side)"
+    else:
+        default = 6 if side >= WINOGRAD_F6_MIN_SIDE else 4
+        rule = f"F({default}x{default}) {'from' if default == 6 else 'below'} {WINOGRAD_F6_MIN_SIDE} px"
+    if ops.tune and not torch.compiler.is_compiling():
+        tile, why = tuning.winograd_tile(c_in, c_out, h, w, default)
+        if tile >= 0:
+            return tile, why
+        return default, f"default rule ({why}): {rule}"
+    return default, f"default rule: {rule}"
 
 
 def gemm_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[bool | None, str]:
     """(as one GEMM?, why) for a 1x1 conv: measured on this machine when tuning is on and the conv can run
     as a GEMM (CPU, channels-last float32/bf16), else None: the kernel's default rule
     (``kernels.conv_bn_relu.gemm_by_default``)."""
-    from .kernels.conv_bn_relu import gemm_possible
-
     if ops.backend_of("conv_bn_relu") != "torch":
         return None, "Triton backend"
     if not gemm_possible(x, weight):
         return None, "oneDNN: not a channels-last CPU float32/bf16 input"
     c_out, c_in = weight.shape[:2]
     if ops.tune and not torch.compiler.is_compiling():
-        gemm, why = tuning.gemm_1x1(c_in, c_out, x.shape[2], x.shape[3], x.dtype)
+        default = gemm_by_default(x, weight)
+        gemm, why = tuning.gemm_1x1(c_in, c_out, x.shape[2], x.shape[3], x.dtype, default)
         if gemm is not None:
             return gemm, why
         return None, f"default rule ({why}): GEMM for 256+ output channels and outputs of 8+ MB"

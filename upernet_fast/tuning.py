@@ -31,6 +31,7 @@ from .kernels import native
 
 CAP = 128  # largest map side measured
 MIN_MACS = 20e6  # smaller convs (< ~0.2 ms) are not worth timing: their differences are noise
+MARGIN = 0.05  # another candidate replaces the default rule's choice only when at least this much faster
 CANDIDATES = (0, 4, 6)  # direct, F(4x4), F(6x6)
 _VERSION = 1
 
@@ -72,14 +73,28 @@ def _save(path: Path, table: dict[str, dict]) -> None:
     os.replace(tmp, path)  # concurrent processes never read a half-written file
 
 
-def _time_ms(fn, reps: int = 2) -> float:
-    fn()  # warm-up: first-touch of buffers, oneDNN primitive creation
+def _time_ms(fn, best_so_far: float = float("inf")) -> float:
+    """ms of ``fn()``: best of 3 runs after a warm-up (first-touch of buffers, oneDNN primitive creation),
+    or of 1 run when it is long (> 50 ms: noise matters less and the calibration stays short), and no
+    timed run at all when the warm-up already took twice the best candidate's time."""
+    start = time.perf_counter()
+    fn()
+    warm = (time.perf_counter() - start) * 1e3
+    if warm > 2 * best_so_far:
+        return warm
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(1 if warm > 50 else 3):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
     return best * 1e3
+
+
+def _time_candidates(fns: dict[int, object]) -> dict[int, float]:
+    times: dict[int, float] = {}
+    for key, fn in fns.items():
+        times[key] = _time_ms(fn, min(times.values(), default=float("inf")))
+    return times
 
 
 def measure_conv3x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
@@ -91,18 +106,27 @@ def measure_conv3x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
     x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
     bias = torch.randn(c_out, generator=g)
-    times = {}
+    # Winograd first: the direct conv is the slowest where it matters, and is then cut short.
     with torch.no_grad():
-        for tile in CANDIDATES:
+        fns = {}
+        for tile in sorted(CANDIDATES, reverse=True):
             u = winograd_weight(weight, tile) if tile else None
-            times[tile] = _time_ms(lambda u=u: conv_bn_relu_torch(x, weight, bias, 1, True, u))
-    return times
+            fns[tile] = lambda u=u: conv_bn_relu_torch(x, weight, bias, 1, True, u)
+        return _time_candidates(fns)
 
 
-def winograd_tile(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
+def _pick(times: dict[int, float], default: int) -> int:
+    """The fastest candidate, unless the default rule's is within ``MARGIN`` of it (timing noise must not
+    flip a choice from run to run)."""
+    best = min(times, key=times.get)
+    return default if default in times and times[default] <= (1 + MARGIN) * times[best] else best
+
+
+def winograd_tile(c_in: int, c_out: int, h: int, w: int, default: int = 0) -> tuple[int, str]:
     """(tile, why): the measured-fastest algorithm for a 3x3 float32 conv of this shape on this machine
     (0 = direct), measuring it now if this machine never has; tile -1 for convs too small to time (the
-    caller then applies its default rule)."""
+    caller then applies its default rule). ``default``: the default rule's tile, kept when within
+    ``MARGIN`` of the fastest."""
     ch, cw = min(h, CAP), min(w, CAP)
     if 9 * c_in * c_out * ch * cw < MIN_MACS:
         return -1, "too small to time reliably"
@@ -113,8 +137,7 @@ def winograd_tile(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
     if entry is None:
         start = time.perf_counter()
         times = measure_conv3x3(c_in, c_out, ch, cw)
-        best = min(times, key=times.get)
-        entry = {"tile": best, "ms": {str(k): round(v, 3) for k, v in times.items()}}
+        entry = {"tile": _pick(times, default), "ms": {str(k): round(v, 3) for k, v in times.items()}}
         table[name] = entry
         _store(path, table, name, entry, start)
     return int(entry["tile"]), f"measured on this CPU: {describe(entry)}"
@@ -128,13 +151,17 @@ def measure_conv1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -
     x = torch.randn(1, c_in, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(c_out, c_in, 1, 1, generator=g) / c_in**0.5).to(dtype)
     with torch.no_grad():
-        return {
-            int(gemm): _time_ms(lambda gemm=gemm: conv_bn_relu_torch(x, weight, None, 0, False, None, gemm))
-            for gemm in (False, True)
-        }
+        return _time_candidates(
+            {
+                int(g): (lambda g=g: conv_bn_relu_torch(x, weight, None, 0, False, None, g))
+                for g in (True, False)
+            }
+        )
 
 
-def gemm_1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -> tuple[bool | None, str]:
+def gemm_1x1(
+    c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype, default: bool = False
+) -> tuple[bool | None, str]:
     """(as GEMM?, why) for a 1x1 conv of this shape on this machine, measured once (None: too small to
     time, the caller's default rule applies)."""
     ch, cw = min(h, CAP), min(w, CAP)
