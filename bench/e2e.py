@@ -352,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", default=None, help="JSON results (default: bench/results/e2e-<cpu kind>.json)")
     p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --json (same machine record only), replacing re-measured ones",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="CI smoke run: tiny models, every variant but the compiled ones, 2 runs",
@@ -388,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_config_isolated(model_name, size, batch, variants, args.runs)
                 rows.extend(result["rows"])
                 print(format_table(result["rows"]), flush=True)
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            previous = json.load(f)
+        if previous.get("machine", {}).get("cpu") != info["cpu"]:
+            p.error(f"{args.json} was measured on {previous.get('machine', {}).get('cpu')!r}, not this CPU")
+        key = lambda r: (r["model"], r["size"], r["batch"], r["variant"])  # noqa: E731
+        fresh = {key(r) for r in rows}
+        rows = [r for r in previous["rows"] if key(r) not in fresh] + rows
     table = format_table(rows)
     print("\n" + table)
     if args.json:
