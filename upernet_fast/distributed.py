@@ -96,14 +96,17 @@ class SegmentWorker:
 
 # ----------------------------------------------------------------------------- driver side
 @contextlib.contextmanager
-def connected(address: str | None) -> Iterator[Any]:
-    """Ray, connected: to `address` if given, else to a new local cluster with this machine's CPUs. A
-    connection made before (a notebook, a test) is used as it is and left open; one made here is closed."""
+def connected(address: str | None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Ray, connected: to `address` if given, else to a new local cluster with `num_cpus` CPUs (default:
+    this machine's). A connection made before (a notebook, a test) is used as it is and left open; one made
+    here is closed."""
     ray = _ray()
     if ray.is_initialized():
         yield ray
         return
-    options: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count() or 1}
+    options: dict[str, Any] = (
+        {"address": address} if address else {"num_cpus": num_cpus or os.cpu_count() or 1}
+    )
     ray.init(**options, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ray
@@ -202,9 +205,11 @@ def run_on_ray(items, todo, args: argparse.Namespace, out_dir: Path, manifest: M
                 }
                 for item in pending
             ]
-            results = ray.data.from_items(
-                rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / args.batch_size))
-            ).map_batches(
+            # a block per batch, or smaller blocks when there are fewer batches than workers (all get
+            # work); never more workers than blocks (an idle actor would only load the model)
+            blocks = min(MAX_BLOCKS, max(math.ceil(len(rows) / args.batch_size), min(len(rows), workers)))
+            workers = min(workers, blocks)
+            results = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
                 SegmentWorker,
                 fn_constructor_args=(_worker_args(args), threads, os.getcwd()),
                 batch_size=args.batch_size,
