@@ -75,13 +75,12 @@ class SegmentWorker:
 
         from .cli import segment_one
 
-        rows = zip(batch["index"], batch["source"], batch["stem"], batch["label"], batch["overlay"])
+        rows = zip(batch["source"], batch["stem"], batch["label"], batch["overlay"])
         heights, widths, errors = [], [], []
-        for _, source, stem, label, overlay in rows:
+        for source, stem, label, overlay in rows:
             item = OutputItem(Path(source), Path(stem))
-            paths = [item.label_path(self.out_dir)] * bool(label) + [item.overlay_path(self.out_dir)] * bool(
-                overlay
-            )
+            wanted = ((item.label_path(self.out_dir), label), (item.overlay_path(self.out_dir), overlay))
+            paths = [path for path, write in wanted if write]
             size, error = segment_one(self.setup, item, paths, self.out_dir, self.overlay)
             heights.append(size[0] if size else -1)
             widths.append(size[1] if size else -1)
