@@ -53,6 +53,23 @@ def _ray():
     return ray
 
 
+class ClusterUnreachable(ConnectionError):
+    """Ray could not connect to (or start) the cluster; the message says what to check."""
+
+    def __init__(self, address: str | None, error: BaseException) -> None:
+        cause = error.__cause__ or error
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [""]
+        message = f"--address {address}: cannot connect to the Ray cluster" if address else "cannot start Ray"
+        message += f" ({type(cause).__name__}: {lines[-1][:300]})"  # Ray puts a traceback in the message
+        if "authtoken" in str(cause).lower() and not os.environ.get("RAY_AUTH_MODE"):
+            # `ray start` enables token authentication; ray.init(address=...) does not assume it
+            message += (
+                "; the cluster uses token authentication: run with RAY_AUTH_MODE=token and its token in "
+            )
+            message += "~/.ray/auth_token or RAY_AUTH_TOKEN"
+        super().__init__(message)
+
+
 # ----------------------------------------------------------------------------- worker side
 class SegmentWorker:
     """One Ray actor: loads the segmenter once, then segments and writes the rows of each batch it gets."""
@@ -106,7 +123,10 @@ def connected(address: str | None, num_cpus: int | None = None) -> Iterator[Any]
     options: dict[str, Any] = (
         {"address": address} if address else {"num_cpus": num_cpus or os.cpu_count() or 1}
     )
-    ray.init(**options, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(**options, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterUnreachable(address, e) from e
     try:
         yield ray
     finally:
@@ -172,7 +192,17 @@ def _worker_args(args: argparse.Namespace) -> argparse.Namespace:
 def run_on_ray(items, todo, args: argparse.Namespace, out_dir: Path, manifest: Manifest, tally) -> int:
     """The Ray engine's counterpart of `cli._run`: record complete inputs, have the actor pool do the rest,
     record each result as it comes back. Returns 0, or 1 when the Ray job itself failed (the inputs not
-    reached stay pending)."""
+    reached stay pending), or 2 when the cluster cannot be reached."""
+    from .cli import _err
+
+    try:
+        return _run_pending(items, todo, args, out_dir, manifest, tally)
+    except ClusterUnreachable as e:
+        _err(f"error: {e}")
+        return 2
+
+
+def _run_pending(items, todo, args: argparse.Namespace, out_dir: Path, manifest: Manifest, tally) -> int:
     from tqdm import tqdm
 
     from .cli import _err, _one_line, record_complete, record_result
