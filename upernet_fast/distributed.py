@@ -121,7 +121,8 @@ def connected(address: str | None, num_cpus: int | None = None) -> Iterator[Any]
         yield ray
         return
     options: dict[str, Any] = (
-        {"address": address} if address else {"num_cpus": num_cpus or os.cpu_count() or 1}
+        # "local": a new cluster even when `ray start` runs on this machine (Ray would join that one)
+        {"address": address} if address else {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1}
     )
     try:
         ray.init(**options, include_dashboard=False, logging_level=logging.WARNING)
