@@ -2,6 +2,8 @@
 
     upernet-fast segment photos/ extra.jpg --out masks/ --overlay [--model openmmlab/upernet-convnext-tiny]
         (folders mirrored under --out, manifest.jsonl lists input -> output; reruns skip finished files)
+    upernet-fast segment photos/ --out masks/ --engine ray [--workers N] [--address auto]
+        (the same files, written by an actor pool on a Ray cluster: pip install upernet_fast[ray])
     upernet-fast info [SRC]
     upernet-fast bench [ARGS passed to bench/e2e.py]
     upernet-fast convert upernet_swin_tiny.pth --out upernet-swin-tiny/
