@@ -14,6 +14,7 @@ setup(
     extras_require={
         "test": ["transformers>=5", "pytest", "pytest-benchmark", "huggingface_hub", "ruff==0.17.6"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        "ray": ["ray[data]>=2.60"],  # segment --engine ray; tested with 2.60.0
     },
     entry_points={"console_scripts": ["upernet-fast=upernet_fast.cli:main"]},
 )

@@ -2,6 +2,8 @@
 
     upernet-fast segment photos/ extra.jpg --out masks/ --overlay [--model openmmlab/upernet-convnext-tiny]
         (folders mirrored under --out, manifest.jsonl lists input -> output; reruns skip finished files)
+    upernet-fast segment photos/ --out masks/ --engine ray [--workers N] [--address auto]
+        (the same files, written by an actor pool on a Ray cluster: pip install upernet_fast[ray])
     upernet-fast info [SRC]
     upernet-fast convert upernet_swin_tiny.pth --out upernet-swin-tiny/
     upernet-fast demo [--out DIR]
@@ -37,6 +39,7 @@ from .outputs_writer import (
 )
 from .outputs_writer import collect_inputs as find_inputs
 
+RAY_OPTIONS = ("workers", "cpus_per_worker", "address")  # segment options of --engine ray only
 MIN_SIDE = 32  # total stride of every native backbone: smaller inputs cannot be segmented
 DEMO_SEED, DEMO_SIZE = 2062, (256, 256)  # a scene showing 5 of the 6 classes
 
@@ -116,6 +119,7 @@ def validate_segment_args(args: argparse.Namespace) -> list[str]:
         )
     if args.batch_size < 1:
         errors.append(f"--batch-size must be at least 1, got {args.batch_size}")
+    errors.extend(_engine_problems(args))
     if args.device is not None:
         import torch
 
@@ -130,6 +134,21 @@ def validate_segment_args(args: argparse.Namespace) -> list[str]:
         errors.append(problem)
     if (problem := _check_out_dir(Path(args.out))) is not None:
         errors.append(problem)
+    return errors
+
+
+def _engine_problems(args: argparse.Namespace) -> list[str]:
+    """Usage errors of --engine and the options only the Ray engine takes."""
+    if args.engine != "ray":
+        given = [f"--{name.replace('_', '-')}" for name in RAY_OPTIONS if getattr(args, name) is not None]
+        return [f"{', '.join(given)} only apply to --engine ray"] if given else []
+    from .distributed import ray_missing
+
+    errors = [problem] if (problem := ray_missing()) else []
+    for name in ("workers", "cpus_per_worker"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            errors.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return errors
 
 
@@ -185,6 +204,7 @@ def _png_size(path: Path) -> tuple[int, int] | None:
 class _Tally:
     """What a segment run has done so far (kept up to date, so an interrupted run can still report it)."""
 
+    total: int = 0
     written: int = 0
     complete: int = 0
     failed: list[str] = dataclasses.field(default_factory=list)
@@ -203,6 +223,11 @@ def _summary(out_dir: Path, tally: _Tally, left: int) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    return segment_files(args, _Tally())
+
+
+def segment_files(args: argparse.Namespace, tally: _Tally) -> int:
+    """The `segment` command on either engine, counting in `tally`; returns the exit status."""
     errors = validate_segment_args(args)
     items = plan_outputs(find_inputs(args.inputs, exclude=args.out))  # earlier outputs are not inputs
     if not items:
@@ -227,18 +252,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return [p for p in paths if not (is_complete(p) and owned_by(p, item.source, owners))]
 
     todo = {item: missing(item) for item in items}
-    tally = _Tally()
+    tally.total = len(items)
     manifest: Manifest | None = None
     stopped: int | None = None
+    engine_failed = 0
     with _sigterm_stops():
         try:
             setup = None
             if any(todo.values()):  # a finished run reruns without loading the model
-                setup = _load_segmenter(args)
+                setup = _load_segmenter(args)  # the Ray engine too: a bad model is a usage error here
                 if not isinstance(setup, _SegmenterSetup):
                     return setup
             manifest = Manifest(out_dir, args.overlay)
-            _run(items, todo, setup, args, out_dir, manifest, tally)
+            if args.engine == "ray":
+                from .distributed import run_on_ray
+
+                del setup  # each Ray worker loads its own copy
+                engine_failed = run_on_ray(items, todo, args, out_dir, manifest, tally)
+            else:
+                _run(items, todo, setup, args, out_dir, manifest, tally)
         except KeyboardInterrupt:
             stopped = 130
         except _Terminated:
@@ -253,7 +285,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _err(("interrupted: " if stopped else "") + _summary(out_dir, tally, left))
     if tally.failed:
         _err("failed: " + ", ".join(tally.failed))
-    return stopped or (1 if tally.failed else 0)
+    return stopped or engine_failed or (1 if tally.failed else 0)
 
 
 class _SegmenterSetup:
@@ -289,47 +321,72 @@ def _load_segmenter(args: argparse.Namespace) -> _SegmenterSetup | int:
     return _SegmenterSetup(segmenter)
 
 
-def _run(items, todo, setup, args, out_dir: Path, manifest: Manifest, tally: _Tally) -> None:
-    """Segment and write every input in order, counting in `tally`. Per-image problems (unreadable, too
-    small, cannot write) are recorded and the run goes on."""
+def segment_one(setup: _SegmenterSetup, item: OutputItem, paths: list[Path], out_dir: Path, overlay: bool):
+    """Read, segment and write the outputs in `paths` of one input: (size or None, error message or None).
+    Every engine calls this, so their files are the same bytes. Per-image problems (unreadable, too small,
+    cannot write) come back as the message; the caller records them and goes on."""
     import numpy as np
-    from tqdm import tqdm
 
     from .palette import label_image
     from .palette import overlay as make_overlay
     from .preprocess import load_image
 
+    stage, size = "read", None
+    try:
+        image = load_image(item.source)
+        size = (image.height, image.width)
+        stage = "segment"
+        labels = setup.segmenter.predict_labels([image])[0].numpy()
+        # the PNG holds 8 (16) bits per pixel anyway; int64 would be 192 MB for 24 MP
+        labels = labels.astype(np.uint8 if len(setup.palette) <= 256 else np.uint16)
+        stage = "write outputs for"
+        label_path = item.label_path(out_dir)
+        if label_path in paths:
+            write_png(label_image(labels, setup.palette), label_path)
+        if overlay and item.overlay_path(out_dir) in paths:
+            picture = make_overlay(image, labels, setup.palette, setup.names)
+            write_png(picture, item.overlay_path(out_dir))
+    except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
+        return size, f"cannot {stage} {item.source}: {type(exc).__name__}: {_one_line(exc)}"
+    return size, None
+
+
+def record_result(
+    item: OutputItem, size, error: str | None, manifest: Manifest, tally: _Tally, report=None
+) -> None:
+    """Count one input's result and put it in the manifest (`report` prints an error line)."""
+    if error is not None:
+        (report or _err)(f"error: {error}")
+        manifest.record(item, "failed", size, error)
+        tally.failed.append(str(item.source))
+    else:
+        manifest.record(item, "written", size)
+        tally.written += 1
+    tally.done.add(item)
+
+
+def record_complete(item: OutputItem, out_dir: Path, manifest: Manifest, tally: _Tally) -> None:
+    manifest.record(item, "complete", _png_size(item.label_path(out_dir)))
+    tally.complete += 1
+    tally.done.add(item)
+
+
+def _run(items, todo, setup, args, out_dir: Path, manifest: Manifest, tally: _Tally) -> None:
+    """Segment and write every input in order, in this process, counting in `tally`."""
+    from tqdm import tqdm
+
     with tqdm(total=len(items), desc="segment", unit="img", file=sys.stderr, disable=args.quiet) as bar:
+
+        def report(line: str) -> None:
+            tqdm.write(line, file=sys.stderr)
+
         for item in items:
             paths = todo[item]
             if not paths:
-                manifest.record(item, "complete", _png_size(item.label_path(out_dir)))
-                tally.complete += 1
+                record_complete(item, out_dir, manifest, tally)
             else:
-                stage, size = "read", None
-                try:
-                    image = load_image(item.source)
-                    size = (image.height, image.width)
-                    stage = "segment"
-                    labels = setup.segmenter.predict_labels([image])[0].numpy()
-                    # the PNG holds 8 (16) bits per pixel anyway; int64 would be 192 MB for 24 MP
-                    labels = labels.astype(np.uint8 if len(setup.palette) <= 256 else np.uint16)
-                    stage = "write outputs for"
-                    label_path = item.label_path(out_dir)
-                    if label_path in paths:
-                        write_png(label_image(labels, setup.palette), label_path)
-                    if args.overlay and item.overlay_path(out_dir) in paths:
-                        picture = make_overlay(image, labels, setup.palette, setup.names)
-                        write_png(picture, item.overlay_path(out_dir))
-                except Exception as exc:  # noqa: BLE001 - one bad image must not end the run
-                    message = f"cannot {stage} {item.source}: {type(exc).__name__}: {_one_line(exc)}"
-                    tqdm.write(f"error: {message}", file=sys.stderr)
-                    manifest.record(item, "failed", size, message)
-                    tally.failed.append(str(item.source))
-                else:
-                    manifest.record(item, "written", size)
-                    tally.written += 1
-            tally.done.add(item)
+                size, error = segment_one(setup, item, paths, out_dir, args.overlay)
+                record_result(item, size, error, manifest, tally, report)
             bar.update()
 
 
@@ -495,7 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
     seg.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale TTA factors")
-    seg.add_argument("--batch-size", type=int, default=4)
+    seg.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="crops / TTA views per model call (4); with --engine ray also the images per batch a worker takes",
+    )
     seg.add_argument("--device", default=None)
     seg.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's dtype"
@@ -508,6 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
     _add_fast_path_options(seg)
+    seg.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: an actor pool on a Ray cluster (pip install upernet_fast[ray])",
+    )
+    seg.add_argument(
+        "--workers", type=int, default=None, help="ray: model copies (actors); default: one per cluster CPU"
+    )
+    seg.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=None,
+        help="ray: CPUs (torch threads) per worker; default: the cluster's CPUs / --workers, at most a node's",
+    )
+    seg.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster to join ('auto', or host:port of `ray start --head`); default: start a local one",
+    )
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
 
