@@ -102,30 +102,39 @@ def bilinear_coefficients(
     return i0, i1, (1.0 - l1) * valid, l1 * valid
 
 
+def interpolation_matrix(n_in: Any, n_out: Any, margin: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out + 2 * margin, n_in) bilinear resize matrix (rows as in `bilinear_coefficients`, 2 non-zeros
+    each; all-zero rows outside the output): `A[d] @ x` is the resized value at output position d - margin."""
+    i0, i1, l0, l1 = bilinear_coefficients(n_in, n_out, margin)
+    cols = torch.arange(n_in)[None, :]
+    return (cols == i0[:, None]).to(dtype) * l0.to(dtype)[:, None] + (cols == i1[:, None]).to(dtype) * l1.to(
+        dtype
+    )[:, None]
+
+
 def upsample_shift_add(taps: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
     """sum_t shift_t(bilinear_resize(taps[:, t], size)) for taps (B, 9, C, h, w), t = ky * 3 + kx, i.e.
     conv3x3(resize(x)) when taps are the per-tap channel mixes of x (see kernels/fpn.py for the identity).
 
-    Separable, as gathers: the width pass (per kx) at the low rows, then the height pass (per ky) into the
-    output, 6 full-size gather + scale passes in all instead of 9 resizes + 9 shifted adds."""
-    h, w = taps.shape[3], taps.shape[4]
+    The resize is separable, U(z) = A_h z A_w^T, and a shift by d is A with its rows moved by d (rows
+    leaving the output are zero: the conv's zero padding at high resolution), so
+    out = sum_ky A_h^(ky) (sum_kx taps[ky, kx] A_w^(kx)T): three width GEMMs at the low rows, three height
+    GEMMs into the output, with the dense banded matrices built from the runtime sizes. (Measured in ONNX
+    Runtime, ConvNeXt-T at 256x256, 1 thread: this form is much cheaper than 12 gathers of the same math.)"""
+    b, _, c, h, w = taps.shape
     H, W = size
-    dtype = taps.dtype
-    cols = [c.to(dtype) if c.is_floating_point() else c for c in bilinear_coefficients(w, W, margin=1)]
-    rows = [c.to(dtype) if c.is_floating_point() else c for c in bilinear_coefficients(h, H, margin=1)]
-    acc = None  # (B, 3, C, h, W): per ky, the width-resized and dx-shifted sum over kx
+    taps = taps.unflatten(1, (3, 3))  # (B, ky, kx, C, h, w)
+    a_w = interpolation_matrix(w, W, 1, taps.dtype)  # (W + 2, w)
+    a_h = interpolation_matrix(h, H, 1, taps.dtype)  # (H + 2, h)
+    rows = None  # (B, ky, C, h, W)
     for kx in range(3):
-        j0, j1, m0, m1 = (c[kx : kx + W] for c in cols)
-        group = taps[:, kx::3]  # (B, 3 [ky], C, h, w)
-        term = group.index_select(4, j0) * m0 + group.index_select(4, j1) * m1
-        acc = term if acc is None else acc + term
-    out = None
+        term = F.linear(taps[:, :, kx], a_w[kx : kx + W])
+        rows = term if rows is None else rows + term
+    out = None  # (B, C, W, H): the height pass contracts the last dim
     for ky in range(3):
-        i0, i1, l0, l1 = (c[ky : ky + H] for c in rows)
-        r = acc[:, ky]
-        term = r.index_select(2, i0) * l0[:, None] + r.index_select(2, i1) * l1[:, None]
+        term = F.linear(rows[:, ky].transpose(2, 3), a_h[ky : ky + H])
         out = term if out is None else out + term
-    return out
+    return out.transpose(2, 3)
 
 
 def resize_bilinear(x: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
