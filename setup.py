@@ -13,6 +13,7 @@ setup(
     install_requires=["torch>=2.4", "triton", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={
         "test": ["transformers>=5", "pytest", "pytest-benchmark", "huggingface_hub", "ruff==0.17.6"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["upernet-fast=upernet_fast.cli:main"]},
 )
