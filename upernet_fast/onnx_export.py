@@ -7,15 +7,18 @@ has no dynamic ONNX form (optimum #1397). `export_onnx` exports OUR graph instea
   folded here), no auxiliary head;
 - the low-resolution head rewrite (DESIGN.md §4): the upsampled groups of `fpn_bottleneck` and of the PPM
   `bottleneck` are channel-mixed into their nine taps at their own resolution, then bilinearly upsampled,
-  shifted and summed at the high resolution (`upsample_shift_add`), never concatenated;
+  shifted and summed at the high resolution as banded resize GEMMs (`upsample_shift_add`), never
+  concatenated;
 - adaptive average pooling as row/column averaging matrices built from the runtime H and W with the
-  reference's overlapping bin rule (start = floor(i*H/s), end = ceil((i+1)*H/s)), applied with matmuls, so
-  it is exact at every input size, not just the traced one;
+  reference's overlapping bin rule (start = floor(i*H/s), end = ceil((i+1)*H/s)), so it is exact at every
+  input size, not just the traced one;
 - every resize bilinear with align_corners=False; logits at the input size.
 
 ConvNeXt and ResNet run their own forward (ConvNeXt's plain-op path, taken under tracing with autograd
 enabled: the export traces with grad mode on); Swin runs `onnx_swin.swin_feature_maps`, the same math
-written so that no window count gets specialised to the traced size.
+written so that no window count gets specialised to the traced size. The graph is captured with
+`torch.export` (non-strict, symbolic batch/height/width) and must stay dynamic: a specialised size is an
+error, never a silently static file.
 Output: input `pixel_values` (batch, 3, height, width), output `logits`, `id2label` (JSON) in the model's
 metadata_props. Needs the optional extra `onnx` (`pip install -e .[onnx]`).
 """
@@ -41,7 +44,7 @@ __all__ = ["ExportGraph", "export_onnx", "ort_session", "require_onnx"]
 
 EXTRA = "onnx"
 INSTALL_HINT = "pip install -e .[onnx] (from a source checkout) or pip install 'upernet_fast[onnx]'"
-DEFAULT_OPSET = 18  # the dynamo exporter's own minimum; Resize/Pad/ReduceMean forms used here need >= 13
+DEFAULT_OPSET = 18  # the dynamo exporter's default (and the lowest opset it writes natively)
 
 
 def require_onnx(*modules: str) -> None:
@@ -285,12 +288,14 @@ def export_onnx(
     """Export FastUperNet's inference graph (see the module docstring) to `path`; returns the path.
 
     `model_or_source`: a FastUperNet or anything `upernet_fast.load()` takes (directory, hub id,
-    transformers model). `dynamic=True`: batch, height and width are free (each side at least the
-    backbone's total stride); `dynamic=False` fixes them to `static_size` (HxW; default 512x512), batch 1.
+    transformers model). `dynamic=True`: batch, height and width are free (traced for sides of at least
+    twice the backbone's total stride; sides down to the stride itself run correctly too); `dynamic=False`
+    fixes them to `static_size` (HxW; default 512x512), batch 1.
     `dtype`: export in this float dtype (default: the model's). `opset`: ONNX opset (default 18)."""
     require_onnx("onnx", "onnxscript")
     model = _as_fast_model(model_or_source)
-    model = copy.deepcopy(model).to(device="cpu", dtype=dtype) if dtype is not None else model
+    if dtype is not None or model.device.type != "cpu":  # traced on CPU; the caller's model is left alone
+        model = copy.deepcopy(model).to(device="cpu", dtype=dtype)
     static = _parse_static(static_size)
     if dynamic and static is not None:
         raise ValueError("static_size fixes the input size: pass dynamic=False with it")
