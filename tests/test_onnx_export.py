@@ -52,7 +52,10 @@ def test_export_graph_matches_transformers_eagerly(kind):
 
 @pytest.mark.parametrize("kind", ["convnext", "swin", "resnet"])
 def test_onnx_runtime_matches_transformers_at_any_size(kind, tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the `onnx` extra)")
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(
+            name, reason=f"{name} is not installed (the optional extra: pip install -e .[onnx])"
+        )
     ref = make_reference(kind)
     path = upernet_fast.export_onnx(ref, tmp_path / f"{kind}.onnx")
     session = upernet_fast.ort_session(path, threads=1)
