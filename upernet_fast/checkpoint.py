@@ -170,6 +170,9 @@ def copy_state_dict(model: torch.nn.Module, entries: dict[str, _Entry], strict: 
         raise CheckpointError(
             f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:10])
         )
+    absent = {k[len("backbone.") :] for k in optional if k not in entries}
+    if absent and hasattr(model.backbone, "set_absent_optional_keys"):
+        model.backbone.set_absent_optional_keys(absent)  # state_dict() then lists exactly the file's keys
     with torch.no_grad():
         for key, entry in entries.items():
             if key in expected:

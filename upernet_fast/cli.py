@@ -1,4 +1,5 @@
-"""`upernet-fast` command line: segment, info, convert, demo (benchmarks: `python bench/e2e.py` in a checkout).
+"""`upernet-fast` command line: segment, info, convert, export, demo (benchmarks: `python bench/e2e.py` in a
+checkout).
 
     upernet-fast segment photos/ extra.jpg --out masks/ --overlay [--model openmmlab/upernet-convnext-tiny]
         (folders mirrored under --out, manifest.jsonl lists input -> output; reruns skip finished files)
@@ -6,6 +7,7 @@
         (the same files, written by an actor pool on a Ray cluster: pip install upernet_fast[ray])
     upernet-fast info [SRC]
     upernet-fast convert upernet_swin_tiny.pth --out upernet-swin-tiny/
+    upernet-fast export upernet-swin-tiny/ --out model.onnx [--static 512x512] [--opset 18]
     upernet-fast demo [--out DIR]
 
 SRC is a Hugging Face-format directory or hub id; the default is the small embedded model.
@@ -461,6 +463,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    try:
+        path = export_onnx(
+            args.source, args.out, opset=args.opset, dynamic=args.static is None, static_size=args.static
+        )
+    except ImportError as exc:  # the optional `onnx` extra is missing: the message says how to install it
+        _err(f"error: {exc}")
+        return 2
+    except (OSError, ValueError, RuntimeError) as exc:
+        _err(f"error: cannot export {args.source}: {exc}")
+        return 1
+    shape = "batch x 3 x height x width" if args.static is None else f"1 x 3 x {args.static}"
+    print(f"wrote {path} (input pixel_values: {shape}; output logits at the input size)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
@@ -615,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="PPM scales if the checkpoint does not record them (default 1 2 3 6)",
     )
     conv.set_defaults(func=cmd_convert)
+
+    export = sub.add_parser("export", help="ONNX file of the model's fast graph (dynamic batch and size)")
+    export.add_argument("source", help="HF-format directory or hub id (anything upernet_fast.load takes)")
+    export.add_argument("--out", required=True, help="output .onnx file")
+    export.add_argument("--static", default=None, metavar="HxW", help="fixed input size (batch 1) instead")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="segment a bundled synthetic image with the embedded model")
     demo.add_argument("--out", default="upernet_fast_demo")

@@ -88,6 +88,15 @@ class FastUperNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Any = None
+    ) -> list[torch.Tensor]:
+        """Label maps per image, as transformers' image processor returns them (see
+        `upernet_fast.post_process_semantic_segmentation`)."""
+        from .postprocess import post_process_semantic_segmentation
+
+        return post_process_semantic_segmentation(outputs, target_sizes)
+
     # ------------------------------------------------------------------ forward
     def ops_for(self, device: torch.device | str | None = None) -> dispatch.Ops:
         """The fused ops this model runs on `device` (default: its own), with its backend and Winograd choice."""

@@ -58,6 +58,9 @@ class Backbone(nn.Module):
     num_channels: int = 3
     optional_keys: tuple[str, ...] = ()  # may be absent from older checkpoints (kept, unused)
 
+    def set_absent_optional_keys(self, keys: set[str]) -> None:
+        """Called by the loader with the `optional_keys` the checkpoint lacks (state_dict keys mirror the file)."""
+
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         return state_dict

@@ -467,11 +467,19 @@ class SwinEncoder(nn.Module):
 
 class _OptionalLayerNorm(nn.LayerNorm):
     """transformers 5's unused final `swin.layernorm`: loaded when present, else left at ones/zeros without
-    a missing-key error, since pre-5 hub files do not have it (transformers ignores it the same way)."""
+    a missing-key error, since pre-5 hub files do not have it (transformers ignores it the same way).
+    Loaded from a file without it, it also leaves `state_dict()`, which then lists exactly the file's keys."""
+
+    in_checkpoint = True  # False once loaded from a checkpoint that lacks it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        if prefix + "weight" in state_dict or prefix + "bias" in state_dict:
+        self.in_checkpoint = prefix + "weight" in state_dict or prefix + "bias" in state_dict
+        if self.in_checkpoint:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.in_checkpoint:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -510,6 +518,11 @@ class SwinBackbone(Backbone):
         self.hidden_states_norms = nn.ModuleDict(
             {s: nn.LayerNorm(c) for s, c in zip(self.out_features, self.channels)}
         )
+
+    def set_absent_optional_keys(self, keys: set[str]) -> None:
+        """Loaded from a checkpoint without these `optional_keys`: leave them out of `state_dict()` too."""
+        if keys & set(self.optional_keys):
+            self.swin.layernorm.in_checkpoint = False
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
