@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -243,9 +244,8 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             fns["ort"] = ort_runner(ref, x)
             compile_s["ort"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; the row records why
-            failed["ort"] = (
-                f"export of transformers' model failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            )
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200]  # no terminal colours
+            failed["ort"] = f"export of transformers' model failed: {type(e).__name__}: {reason}"
             print(f"ort: {failed['ort']}", file=sys.stderr)
     if "fast-ort" in variants:
         import tempfile
