@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,37 @@ class Backbone(nn.Module):
 
     def set_absent_optional_keys(self, keys: set[str]) -> None:
         """Called by the loader with the `optional_keys` the checkpoint lacks (state_dict keys mirror the file)."""
+
+    def _setup(
+        self,
+        config: dict[str, Any],
+        defaults: dict[str, Any],
+        activations: dict[str, Any],
+        num_features: Callable[[dict[str, Any]], list[int]],
+        strides: Callable[[dict[str, Any]], list[int]],
+        name: str,
+    ) -> dict[str, Any]:
+        """The setup every native backbone shares: its config (`defaults` overlaid with the keys of
+        `config` it knows), the activation check, and `num_channels`, `stage_names`, `out_features` (in
+        stage order, as transformers returns them), `channels` and `reduction`. `num_features(cfg)` and
+        `strides(cfg)` give the channels and the total stride of the stem and of each stage. Returns the
+        config."""
+        cfg = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+        if cfg["hidden_act"] not in activations:
+            raise ValueError(
+                f"unsupported {name} hidden_act {cfg['hidden_act']!r}; use one of {list(activations)}"
+            )
+        num_stages = len(cfg["depths"])
+        self.config = cfg
+        self.num_channels = cfg["num_channels"]
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)]
+        selected = set(stage_selection(config, num_stages))
+        self.out_features = [s for s in self.stage_names if s in selected]
+        features = num_features(cfg)
+        self.channels = [features[self.stage_names.index(s)] for s in self.out_features]
+        self._deepest = self.stage_names.index(self.out_features[-1])
+        self.reduction = strides(cfg)[self._deepest]
+        return cfg
 
     @staticmethod
     def remap_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

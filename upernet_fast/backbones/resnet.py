@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Backbone, BackboneOutput, stage_selection
+from .base import Backbone, BackboneOutput
 
 # transformers' ResNetConfig defaults (ResNet-50).
 RESNET_DEFAULTS: dict[str, Any] = {
@@ -131,22 +131,16 @@ class ResNetBackbone(Backbone):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        cfg = {**RESNET_DEFAULTS, **{k: v for k, v in config.items() if k in RESNET_DEFAULTS}}
+        cfg = self._setup(
+            config,
+            RESNET_DEFAULTS,
+            _ACT,
+            lambda c: [c["embedding_size"], *c["hidden_sizes"]],
+            lambda c: [4] + [4 * 2 ** (i + c["downsample_in_first_stage"]) for i in range(len(c["depths"]))],
+            "ResNet",
+        )
         if cfg["layer_type"] not in ("basic", "bottleneck"):
             raise ValueError(f"layer_type={cfg['layer_type']!r} is not one of basic, bottleneck")
-        if cfg["hidden_act"] not in _ACT:
-            raise ValueError(f"unsupported ResNet hidden_act {cfg['hidden_act']!r}")
-        num_stages = len(cfg["depths"])
-        self.config = cfg
-        self.num_channels = cfg["num_channels"]
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)]
-        selected = set(stage_selection(config, num_stages))
-        self.out_features = [s for s in self.stage_names if s in selected]
-        num_features = [cfg["embedding_size"], *cfg["hidden_sizes"]]
-        self.channels = [num_features[self.stage_names.index(s)] for s in self.out_features]
-        self._deepest = self.stage_names.index(self.out_features[-1])
-        strides = [4] + [4 * 2 ** (i + cfg["downsample_in_first_stage"]) for i in range(num_stages)]
-        self.reduction = strides[self._deepest]
 
         self.embedder = ResNetEmbeddings(cfg)
         self.encoder = ResNetEncoder(cfg)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from .base import Backbone, BackboneOutput, eager_inference, stage_selection
+from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear, mlp_rows_, normalize, plain_weights
 
 # transformers' SwinConfig defaults (the fields that matter at inference).
@@ -495,26 +495,21 @@ class SwinBackbone(Backbone):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        cfg = {**SWIN_DEFAULTS, **{k: v for k, v in config.items() if k in SWIN_DEFAULTS}}
-        if cfg["hidden_act"] not in _ACT:
-            raise ValueError(f"unsupported Swin hidden_act {cfg['hidden_act']!r}")
-        num_stages = len(cfg["depths"])
-        self.config = cfg
-        self.num_channels = cfg["num_channels"]
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_stages + 1)]
-        selected = set(stage_selection(config, num_stages))
-        self.out_features = [s for s in self.stage_names if s in selected]  # transformers returns stage order
-        num_features = [cfg["embed_dim"]] + [cfg["embed_dim"] * 2**i for i in range(num_stages)]
-        self.channels = [num_features[self.stage_names.index(s)] for s in self.out_features]
-        deepest = self.stage_names.index(self.out_features[-1])
-        self.reduction = _pair(cfg["patch_size"])[0] * 2 ** max(deepest - 1, 0)
-        self._deepest = deepest
+        cfg = self._setup(
+            config,
+            SWIN_DEFAULTS,
+            _ACT,
+            lambda c: [c["embed_dim"]] + [c["embed_dim"] * 2**i for i in range(len(c["depths"]))],
+            lambda c: [_pair(c["patch_size"])[0] * 2 ** max(i - 1, 0) for i in range(len(c["depths"]) + 1)],
+            "Swin",
+        )
+        last = cfg["embed_dim"] * 2 ** (len(cfg["depths"]) - 1)
 
         self.embeddings = SwinEmbeddings(cfg)
         self.encoder = SwinEncoder(cfg)
         # Never applied (SwinBackbone ignores it too); kept so state_dict keys equal transformers 5's files.
         self.swin = nn.Module()
-        self.swin.layernorm = _OptionalLayerNorm(num_features[-1], eps=cfg["layer_norm_eps"])
+        self.swin.layernorm = _OptionalLayerNorm(last, eps=cfg["layer_norm_eps"])
         self.hidden_states_norms = nn.ModuleDict(
             {s: nn.LayerNorm(c) for s, c in zip(self.out_features, self.channels)}
         )
