@@ -33,7 +33,7 @@ CAP = 128  # largest map side measured
 MIN_MACS = 20e6  # smaller convs (< ~0.2 ms) are not worth timing: their differences are noise
 MARGIN = 0.05  # another candidate replaces the default rule's choice only when at least this much faster
 CANDIDATES = (0, 4, 6)  # direct, F(4x4), F(6x6)
-_VERSION = 1
+_VERSION = 2
 
 
 def machine_key() -> dict[str, object]:
@@ -130,17 +130,10 @@ def winograd_tile(c_in: int, c_out: int, h: int, w: int, default: int = 0) -> tu
     ch, cw = min(h, CAP), min(w, CAP)
     if 9 * c_in * c_out * ch * cw < MIN_MACS:
         return -1, "too small to time reliably"
-    name = f"conv3x3:{c_in}->{c_out}@{ch}x{cw}"
-    path = cache_path()
-    table = _table(path)
-    entry = table.get(name)
-    if entry is None:
-        start = time.perf_counter()
-        times = measure_conv3x3(c_in, c_out, ch, cw)
-        entry = {"tile": _pick(times, default), "ms": {str(k): round(v, 3) for k, v in times.items()}}
-        table[name] = entry
-        _store(path, table, name, entry, start)
-    return int(entry["tile"]), f"measured on this CPU: {describe(entry)}"
+    entry = _measured(
+        f"conv3x3:{c_in}->{c_out}@{ch}x{cw}", lambda: measure_conv3x3(c_in, c_out, ch, cw), default
+    )
+    return int(entry["choice"]), f"measured on this CPU: {describe(entry, TILE_NAMES)}"
 
 
 def measure_conv1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -> dict[int, float]:
@@ -153,8 +146,8 @@ def measure_conv1x1(c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype) -
     with torch.no_grad():
         return _time_candidates(
             {
-                int(g): (lambda g=g: conv_bn_relu_torch(x, weight, None, 0, False, None, g))
-                for g in (True, False)
+                int(gemm): (lambda gemm=gemm: conv_bn_relu_torch(x, weight, None, 0, False, None, gemm))
+                for gemm in (True, False)
             }
         )
 
@@ -168,40 +161,41 @@ def gemm_1x1(
     if c_in * c_out * ch * cw < MIN_MACS:
         return None, "too small to time reliably"
     name = f"conv1x1:{c_in}->{c_out}@{ch}x{cw}:{str(dtype).removeprefix('torch.')}"
+    entry = _measured(name, lambda: measure_conv1x1(c_in, c_out, ch, cw, dtype), int(default))
+    return bool(entry["choice"]), f"measured on this CPU: {describe(entry, GEMM_NAMES)}"
+
+
+def _measured(name: str, measure, default: int) -> dict:
+    """The cached entry ``{"choice", "ms"}`` for ``name``, measuring (and saving) it on a miss."""
     path = cache_path()
     table = _table(path)
     entry = table.get(name)
     if entry is None:
         start = time.perf_counter()
-        times = measure_conv1x1(c_in, c_out, ch, cw, dtype)
+        times = measure()
         entry = table[name] = {
-            "gemm": min(times, key=times.get),
+            "choice": _pick(times, default),
             "ms": {str(k): round(v, 3) for k, v in times.items()},
         }
-        _store(path, table, name, entry, start)
-    return bool(entry["gemm"]), f"measured on this CPU: {describe_gemm(entry)}"
-
-
-def describe_gemm(entry: dict) -> str:
-    ms = ", ".join(f"{('oneDNN', 'GEMM')[int(k)]} {v:.3g} ms" for k, v in entry["ms"].items())
-    return f"{ms} -> {('oneDNN', 'GEMM')[int(entry['gemm'])]}"
-
-
-def _store(path: Path, table: dict[str, dict], name: str, entry: dict, start: float) -> None:
-    try:
-        _save(path, table)
-    except OSError as e:  # a read-only cache only costs a re-measurement next time
-        print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
-    what = describe_gemm(entry) if "gemm" in entry else describe(entry)
-    print(
-        f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): {what}",
-        file=sys.stderr,
-    )
+        try:
+            _save(path, table)
+        except OSError as e:  # a read-only cache only costs a re-measurement next time
+            print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
+        names = GEMM_NAMES if name.startswith("conv1x1") else TILE_NAMES
+        print(
+            f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): "
+            f"{describe(entry, names)}",
+            file=sys.stderr,
+        )
+    return entry
 
 
 TILE_NAMES = {0: "direct", 4: "F(4x4)", 6: "F(6x6)"}
 
 
-def describe(entry: dict) -> str:
-    ms = ", ".join(f"{TILE_NAMES[int(k)]} {v:.3g} ms" for k, v in entry["ms"].items())
-    return f"{ms} -> {TILE_NAMES[int(entry['tile'])]}"
+GEMM_NAMES = {0: "oneDNN", 1: "GEMM"}
+
+
+def describe(entry: dict, names: dict[int, str]) -> str:
+    ms = ", ".join(f"{names[int(k)]} {v:.3g} ms" for k, v in entry["ms"].items())
+    return f"{ms} -> {names[int(entry['choice'])]}"
