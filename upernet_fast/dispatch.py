@@ -355,22 +355,18 @@ class Ops:
         x2: torch.Tensor,
         weight: Callable[[], torch.Tensor],
         bias: torch.Tensor | None,
+        choice: tuple[int, str],
     ) -> torch.Tensor:
         """The 3x3 conv (padding 1, no ReLU) of the channel concatenation of ``x`` and ``x2`` (never built)
-        as one Winograd conv of the tile ``winograd_choice`` picks for ``x`` (callers check
-        ``merge_into_winograd`` first). ``weight()`` gives the folded (Cout, Cx + Cx2, 3, 3) weight."""
-        tile, why = self.choice(owner, name, x, weight()[:, : x.shape[1]], 1)
+        as one Winograd conv, with the (tile, why) ``choice`` the caller made for ``x`` (it checks
+        ``merge_into_winograd`` with that tile first). ``weight()`` gives the folded (Cout, Cx + Cx2, 3, 3)
+        weight; its Winograd transform is cached on ``owner`` under ``name``."""
+        tile, why = choice
         if not tile:
             raise RuntimeError("conv_pair needs a Winograd tile; check merge_into_winograd first")
         u = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight(), tile))
-        self._note(
-            owner,
-            f"{name} (level-0 group + merged upsampled level 1)",
-            x,
-            weight(),
-            why,
-            f"Winograd F({tile}x{tile})",
-        )
+        part = f"{name} (level-0 group + merged upsampled level 1)"
+        self._note(owner, part, x, weight(), why, f"Winograd F({tile}x{tile})")
         return conv3x3_winograd_pair(x, x2, u, None if bias is None else bias.to(x.dtype), False)
 
     def choice(
