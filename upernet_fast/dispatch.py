@@ -35,7 +35,7 @@ import torch
 
 from . import kernels, tuning
 from .folding import cached
-from .kernels._common import env_switch, interpreting
+from .kernels._common import env_switch, interpreting, native_bf16
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
@@ -208,13 +208,6 @@ def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, .
         return False
     per_output = ((tile + 2) / tile) ** 2
     return 9 * low_size[0] * low_size[1] >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 
 
 _warned_emulated: set[str] = set()

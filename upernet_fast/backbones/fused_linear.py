@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
+from ..kernels._common import native_bf16
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
@@ -28,14 +29,14 @@ _PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..
 FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-def use_onednn(x: torch.Tensor) -> bool:
-    """Eager CPU float32 with oneDNN. Under torch.compile the plain ops are traced instead: Inductor fuses
+def use_onednn(x: torch.Tensor, bf16: bool = False) -> bool:
+    """Eager CPU float32 (and bfloat16 if `bf16`, on a CPU with native bf16) with oneDNN. Under torch.compile the plain ops are traced instead: Inductor fuses
     those itself, and dynamo refuses to trace `torch.backends.mkldnn.is_available`."""
     return (
         _LINEAR_POINTWISE is not None
         and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and (x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and native_bf16()))
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
     )

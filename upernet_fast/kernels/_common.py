@@ -12,7 +12,7 @@ evaluates ``l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] +
 
 import os
 from collections.abc import Callable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -180,3 +180,10 @@ def bilerp(base, i0, i1, j0, j1, l0h, l1h, l0w, l1w, s_h, s_w, mask):
     v10 = tl.load(base + i1 * s_h + j0 * s_w, mask=mask, other=0.0).to(tl.float32)
     v11 = tl.load(base + i1 * s_h + j1 * s_w, mask=mask, other=0.0).to(tl.float32)
     return l0h * (l0w * v00 + l1w * v01) + l1h * (l0w * v10 + l1w * v11)
+
+
+@cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
