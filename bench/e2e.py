@@ -19,6 +19,8 @@ relative to max |logit| and argmax agreement.
     python bench/e2e.py                      # full matrix (long: ~30+ min on 2 cores)
                                              # -> bench/results/e2e-<cpu kind>.json
     python bench/e2e.py --quick              # CI smoke run: tiny configs, no torch.compile
+    python bench/e2e.py --keep-memory ...    # every variant with upernet_fast.keep_freed_memory() (glibc
+                                             # keeps freed blocks for reuse; rows marked "+keep")
     python bench/e2e.py --models convnext-tiny --sizes 512x512 --batches 1 --variants hf,hf-compile,fast
 """
 
@@ -212,9 +214,18 @@ def ort_runner(ref: torch.nn.Module, x: torch.Tensor) -> Any:
     return lambda: torch.from_numpy(session.run(None, feed)[0])
 
 
-def run_config(model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int) -> dict:
+def run_config(
+    model_name: str,
+    size: tuple[int, int],
+    batch: int,
+    variants: list[str],
+    runs: int,
+    keep_memory: bool = False,
+) -> dict:
     import upernet_fast
 
+    if keep_memory and not upernet_fast.keep_freed_memory():  # before any model: every variant runs with it
+        raise SystemExit("--keep-memory: glibc's mallopt is not available here")
     ref = build_reference(model_name)
     fast = upernet_fast.load(ref)
     x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -301,6 +312,7 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             size=f"{size[0]}x{size[1]}",
             batch=batch,
             variant=v,
+            keep_freed_memory=keep_memory,
             median_s=med,
             runs_s=times[v],
             peak_mb=peaks.get(v),
@@ -323,12 +335,21 @@ def run_config(model_name: str, size: tuple[int, int], batch: int, variants: lis
             )
         rows.append(row)
     for v, error in failed.items():
-        rows.append(dict(model=model_name, size=f"{size[0]}x{size[1]}", batch=batch, variant=v, error=error))
+        rows.append(
+            dict(
+                model=model_name,
+                size=f"{size[0]}x{size[1]}",
+                batch=batch,
+                variant=v,
+                keep_freed_memory=keep_memory,
+                error=error,
+            )  # fmt: skip
+        )
     return dict(rows=rows)
 
 
 def run_config_isolated(
-    model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int
+    model_name: str, size: tuple[int, int], batch: int, variants: list[str], runs: int, keep_memory: bool
 ) -> dict:
     """`run_config` in a fresh interpreter: the memory pass changes the allocator for good, and compile
     caches or heap growth from one config must not bleed into the next one's timings."""
@@ -337,7 +358,11 @@ def run_config_isolated(
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        spec = json.dumps(dict(model=model_name, size=list(size), batch=batch, variants=variants, runs=runs))
+        spec = json.dumps(
+            dict(
+                model=model_name, size=list(size), batch=batch, variants=variants, runs=runs, keep=keep_memory
+            )
+        )
         subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--one-config", spec, "--json", out], check=True
         )
@@ -356,16 +381,15 @@ def format_table(rows: list[dict]) -> str:
         def fmt(v: Any, spec: str) -> str:
             return "-" if v is None else format(v, spec)
 
+        variant = r["variant"] + ("+keep" if r.get("keep_freed_memory") else "")
         if "error" in r:
-            lines.append(
-                f"| {r['model']} | {r['size']} | {r['batch']} | {r['variant']} | failed: {r['error']} |"
-            )
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {variant} | failed: {r['error']} |")
             continue
 
         rel = f"{r['max_abs_diff']:.2e} ({r['rel_diff']:.1e})" if "max_abs_diff" in r else "-"
         agree = f"{100 * r['argmax_agree']:.3f}%" if "argmax_agree" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['batch']} | {r['variant']} | {r['median_s']:.3f} | "
+            f"| {r['model']} | {r['size']} | {r['batch']} | {variant} | {r['median_s']:.3f} | "
             f"{fmt(r['speedup_vs_hf'], '.2f')} | {fmt(r['speedup_vs_hf_compile'], '.2f')} | "
             f"{fmt(r.get('speedup_vs_ort'), '.2f')} | {fmt(r.get('speedup_vs_hf_bf16'), '.2f')} | "
             f"{fmt(r['peak_mb'], '.0f')} | {rel} | {agree} | {fmt(r['compile_s'], '.1f')} |"
@@ -391,11 +415,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CI smoke run: tiny models, every variant but the compiled ones, 2 runs",
     )
+    p.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="call upernet_fast.keep_freed_memory() first (process-wide: transformers runs with it too); "
+        "rows are marked '+keep'",
+    )
     p.add_argument("--one-config", help=argparse.SUPPRESS)  # internal: one config, in this process
     args = p.parse_args(argv)
     if args.one_config:
         spec = json.loads(args.one_config)
-        result = run_config(spec["model"], tuple(spec["size"]), spec["batch"], spec["variants"], spec["runs"])
+        result = run_config(
+            spec["model"], tuple(spec["size"]), spec["batch"], spec["variants"], spec["runs"], spec["keep"]
+        )
         with open(args.json, "w") as f:
             json.dump(result, f)
         return 0
@@ -420,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         for size_s in args.sizes.split(","):
             size = tuple(int(s) for s in size_s.split("x"))
             for batch in (int(b) for b in args.batches.split(",")):
-                result = run_config_isolated(model_name, size, batch, variants, args.runs)
+                result = run_config_isolated(model_name, size, batch, variants, args.runs, args.keep_memory)
                 rows.extend(result["rows"])
                 print(format_table(result["rows"]), flush=True)
     if args.append and args.json and os.path.exists(args.json):
@@ -428,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = json.load(f)
         if previous.get("machine", {}).get("cpu") != info["cpu"]:
             p.error(f"{args.json} was measured on {previous.get('machine', {}).get('cpu')!r}, not this CPU")
-        key = lambda r: (r["model"], r["size"], r["batch"], r["variant"])  # noqa: E731
+        key = lambda r: (r["model"], r["size"], r["batch"], r["variant"], r.get("keep_freed_memory", False))  # noqa: E731
         fresh = {key(r) for r in rows}
         rows = [r for r in previous["rows"] if key(r) not in fresh] + rows
     table = format_table(rows)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import UperNetConfig
+from .kernels._memory import keep_freed_memory
 from .model import FastUperNet, load
 from .outputs import SemanticSegmenterOutput
 from .postprocess import post_process_semantic_segmentation
@@ -19,6 +20,7 @@ __all__ = [
     "SemanticSegmenterOutput",
     "UperNetConfig",
     "export_onnx",
+    "keep_freed_memory",
     "load",
     "ort_session",
     "post_process_semantic_segmentation",

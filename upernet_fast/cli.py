@@ -304,6 +304,9 @@ class _SegmenterSetup:
 def _load_segmenter(args: argparse.Namespace) -> _SegmenterSetup | int:
     """The segmenter, or exit status 2 after one line saying why the model cannot be used."""
     from .inference import Segmenter
+    from .kernels._memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours (CLI or Ray worker): reuse freed buffers across images
 
     options = {"mode": args.mode, "flip": args.flip, "batch_size": args.batch_size}
     if args.short_side:

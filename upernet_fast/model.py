@@ -15,6 +15,7 @@ from . import checkpoint, dispatch
 from .backbones import BackboneOutput, build_backbone
 from .config import UperNetConfig
 from .head import UperNetFCNHead, UperNetHead
+from .kernels import _memory
 from .outputs import SemanticSegmenterOutput
 
 MAX_PLANS = 64  # input signatures whose plans are kept (least recently used dropped)
@@ -208,6 +209,8 @@ class FastUperNet(nn.Module):
         ops.plan = self._plan_for(pixel_values)
         if not torch.compiler.is_compiling():
             dispatch.warn_if_emulated(pixel_values.dtype, pixel_values.device)
+            if pixel_values.device.type == "cpu" and _memory.keep_memory_requested():
+                _memory.keep_freed_memory()
         outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
