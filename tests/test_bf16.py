@@ -82,3 +82,19 @@ def test_emulated_bf16_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # once per process
+
+
+def test_bf16_pyramid_pooling_runs_in_float32():
+    """In a bf16 model the PPM (smallest map; its error reaches every level) is computed in float32 from the
+    model's own bf16 parameters: it equals transformers' PPM in float64 on the same (bf16-valued) weights
+    to float32 error, far inside one bf16 rounding, and comes back in bf16."""
+    ref = make_reference("swin", hidden_size=64, num_labels=7)
+    fast = upernet_fast.load(ref).to(torch.bfloat16)
+    ref_bf16_weights = copy.deepcopy(ref).to(torch.bfloat16).double()  # the bf16 model's values, exactly
+    x = torch.randn(1, fast.decode_head.in_channels[-1], 9, 11).bfloat16()
+    with torch.no_grad():
+        ours = fast.decode_head.psp_forward(x, fast.ops_for())
+        theirs = ref_bf16_weights.decode_head.psp_forward([x.double()])
+    assert ours.dtype == torch.bfloat16
+    rel = ((ours.double() - theirs).abs().max() / theirs.abs().max()).item()
+    assert rel <= 2**-8, rel  # one bf16 rounding of the output (a bf16 PPM misses by several)

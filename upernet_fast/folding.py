@@ -46,10 +46,11 @@ def fold_batchnorm_tensors(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """conv → BN(eval) as one conv: W' = W·γ/σ, b' = (b − μ)·γ/σ + β with σ = sqrt(var + eps), computed in
-    float64 and cast back to the conv weight's dtype (one rounding)."""
-    dtype = conv_weight.dtype
+    float64 and cast to `dtype` (default: the conv weight's) with one rounding."""
+    dtype = dtype or conv_weight.dtype
     w = conv_weight.detach().double()
     scale = bn_weight.detach().double() / torch.sqrt(running_var.detach().double() + eps)
     bias = conv_bias.detach().double() if conv_bias is not None else torch.zeros_like(scale)
@@ -59,9 +60,12 @@ def fold_batchnorm_tensors(
 
 
 def fold_batchnorm(
-    conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, bn: torch.nn.BatchNorm2d
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    bn: torch.nn.BatchNorm2d,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fold_batchnorm_tensors`` with the statistics and affine of ``bn``."""
     return fold_batchnorm_tensors(
-        conv_weight, conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+        conv_weight, conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype
     )
