@@ -70,17 +70,20 @@ class Backbone(nn.Module):
         num_features: Callable[[dict[str, Any]], list[int]],
         strides: Callable[[dict[str, Any]], list[int]],
         name: str,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """The setup every native backbone shares: its config (`defaults` overlaid with the keys of
         `config` it knows), the activation check, and `num_channels`, `stage_names`, `out_features` (in
         stage order, as transformers returns them), `channels` and `reduction`. `num_features(cfg)` and
-        `strides(cfg)` give the channels and the total stride of the stem and of each stage. Returns the
-        config."""
+        `strides(cfg)` give the channels and the total stride of the stem and of each stage; `check(cfg)`,
+        run after the activation check, raises for a config they cannot read. Returns the config."""
         cfg = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
         if cfg["hidden_act"] not in activations:
             raise ValueError(
-                f"unsupported {name} hidden_act {cfg['hidden_act']!r}; use one of {list(activations)}"
+                f"{name} hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(activations)}"
             )
+        if check is not None:
+            check(cfg)
         num_stages = len(cfg["depths"])
         self.config = cfg
         self.num_channels = cfg["num_channels"]

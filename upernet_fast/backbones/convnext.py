@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from .base import Backbone, BackboneOutput, eager_inference, stage_selection
+from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, mlp_rows_, normalize, use_onednn
 
 _CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -154,28 +154,30 @@ class ConvNextEncoder(nn.Module):
         )
 
 
+def _check_stages(cfg: dict[str, Any]) -> None:
+    if len(cfg["hidden_sizes"]) != cfg["num_stages"] or len(cfg["depths"]) != cfg["num_stages"]:
+        raise ValueError("ConvNeXt config: hidden_sizes and depths must both have num_stages entries")
+
+
 class ConvNextBackbone(Backbone):
+    """Drop-in for transformers' `ConvNextBackbone`; `config` is the raw `backbone_config` dict of an UperNet config."""
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        cfg = {**CONVNEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-        if cfg["hidden_act"] not in ACTIVATIONS:
-            raise ValueError(
-                f"ConvNeXt hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(ACTIVATIONS)}"
-            )
-        if len(cfg["hidden_sizes"]) != cfg["num_stages"] or len(cfg["depths"]) != cfg["num_stages"]:
-            raise ValueError("ConvNeXt config: hidden_sizes and depths must both have num_stages entries")
-        self.num_channels = cfg["num_channels"]
+        cfg = self._setup(
+            {k: v for k, v in config.items() if v is not None},  # None: transformers' default
+            CONVNEXT_DEFAULTS,
+            ACTIVATIONS,
+            lambda c: [c["hidden_sizes"][0], *c["hidden_sizes"]],
+            lambda c: [c["patch_size"] * 2 ** max(i - 1, 0) for i in range(c["num_stages"] + 1)],
+            "ConvNeXt",
+            check=_check_stages,
+        )
         self.embeddings = ConvNextEmbeddings(cfg["num_channels"], cfg["hidden_sizes"][0], cfg["patch_size"])
         self.encoder = ConvNextEncoder(cfg)
-        self.out_features = stage_selection(config, cfg["num_stages"])
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, cfg["num_stages"] + 1)]
-        num_features = [cfg["hidden_sizes"][0]] + list(cfg["hidden_sizes"])
-        self.channels = [num_features[self.stage_names.index(s)] for s in self.out_features]
         self.hidden_states_norms = nn.ModuleDict(
             {s: LayerNorm2d(c, eps=LN_EPS) for s, c in zip(self.out_features, self.channels, strict=True)}
         )
-        deepest = max(self.stage_names.index(s) for s in self.out_features)
-        self.reduction = cfg["patch_size"] * 2 ** max(deepest - 1, 0)
 
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
