@@ -170,12 +170,17 @@ class FastUperNet(nn.Module):
                 f"each side must be at least {self.backbone.reduction} pixels"
             )
 
-    def _run_backbone(self, pixel_values: torch.Tensor, hidden: bool, attentions: bool) -> BackboneOutput:
+    def _run_backbone(
+        self, pixel_values: torch.Tensor, hidden: bool, attentions: bool, plan: dispatch.Plan | None
+    ) -> BackboneOutput:
+        """The backbone's outputs; a native backbone notes its implementation choices in `plan`."""
         if getattr(self.backbone, "is_transformers_backbone", False):
             from .backbones.hf_wrapper import run_transformers_backbone
 
             return run_transformers_backbone(self.backbone, pixel_values, hidden, attentions)
-        return self.backbone(pixel_values, output_hidden_states=hidden, output_attentions=attentions)
+        return self.backbone(
+            pixel_values, output_hidden_states=hidden, output_attentions=attentions, plan=plan
+        )
 
     @torch.no_grad()
     def forward(
@@ -211,7 +216,9 @@ class FastUperNet(nn.Module):
             dispatch.warn_if_emulated(pixel_values.dtype, pixel_values.device)
             if pixel_values.device.type == "cpu" and _memory.keep_memory_requested():
                 _memory.keep_freed_memory()
-        outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
+        outputs = self._run_backbone(
+            pixel_values, bool(output_hidden_states), bool(output_attentions), ops.plan
+        )
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
         # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).

@@ -48,7 +48,10 @@ class Backbone(nn.Module):
 
     - `channels`: channel count of each returned feature map (transformers' `backbone.channels`);
     - `reduction`: total stride of the deepest returned feature map (inputs smaller than this are refused);
-    and implement `forward(pixel_values, output_hidden_states=False, output_attentions=False) -> BackboneOutput`.
+    and implement `forward(pixel_values, output_hidden_states=False, output_attentions=False, plan=None)
+    -> BackboneOutput`. `plan` is the `dispatch.Plan` of this input signature (None: nothing to record,
+    e.g. under torch.compile); while it is not frozen, the backbone notes each implementation choice it
+    makes (`plan.note(owner module, part, implementation, why)`), from the same tests its code branches on.
 
     Parameter names below `backbone.` are exactly those of the checkpoint file transformers writes.
     `remap_state_dict` turns alternative key layouts (e.g. transformers 5's in-memory Swin names) into ours.
