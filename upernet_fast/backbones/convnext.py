@@ -228,7 +228,7 @@ class ConvNextBackbone(Backbone):
         if blocker is None:
             kind = "CPU float32" if x.dtype == torch.float32 else "bfloat16 on a CPU with native bf16"
             impl = f"oneDNN 1x1 convs, {act} + residual add fused"
-            plan.note(stage, part, impl, f"{kind} (decisions.md: ConvNeXt MLP)")
+            plan.note(stage, part, impl, f"{kind}; see bench/results/decisions.md, ConvNeXt MLP")
             return
         plan.note(
             stage,

@@ -44,7 +44,7 @@ def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
         if x.dtype != torch.bfloat16:
             return "the oneDNN path is for float32 and bfloat16"
         if not bf16:  # Swin-T measured: no gain, lower argmax agreement
-            return "bfloat16 Linears stay on MKL, see decisions.md: ConvNeXt MLP"
+            return "bfloat16 Linears stay on MKL, see bench/results/decisions.md, ConvNeXt MLP"
         if not native_bf16():
             return "bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): oneDNN would emulate it"
     if not torch.backends.mkldnn.enabled:
@@ -107,16 +107,16 @@ def linear_plan(
     branches on (`LinearWeights.onednn`, `onednn_blocker`). `act` names the activation that follows the
     Linear; `fused`: passed to `linear` as its oneDNN post-op (else applied separately)."""
     mkl = "MKL F.linear" + (f" + {act}" if act else "")
-    narrow, source = min(lw.weight.shape), "decisions.md: Backbone Linears"
+    narrow, source = min(lw.weight.shape), "see bench/results/decisions.md, Backbone Linears"
     if not lw.onednn:
-        return mkl, f"min(in, out) {narrow} >= ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW} ({source})"
+        return mkl, f"min(in, out) {narrow} >= ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW}; {source}"
     blocker = onednn_blocker(x)
     if blocker is not None:
         return mkl, f"{blocker} ({x.device.type}, {x.dtype})"
     impl = "oneDNN inner product" + (", packed weight" if lw.packed is not None else "")
     if act:
         impl += f", {act} fused" if fused else f" + {act}"
-    return impl, f"min(in, out) {narrow} < ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW} ({source})"
+    return impl, f"min(in, out) {narrow} < ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW}; {source}"
 
 
 def plain_weights(owner: nn.Module, name: str, linear: nn.Linear) -> LinearWeights:
