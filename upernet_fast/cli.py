@@ -438,7 +438,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def format_plan(model, height: int, width: int) -> str:
-    """The machine, the model-wide switches and, per decode-head layer, the implementation and why."""
+    """The machine, the model-wide switches and, per backbone and decode-head layer, the implementation and why."""
     from .kernels import native
     from .tuning import machine_key
 
@@ -620,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, parameter count and labels of a model")
     info.add_argument("source", nargs="?", default=None, help="default: embedded model")
     info.add_argument(
-        "--plan", action="store_true", help="print which implementation each head layer runs, and why"
+        "--plan",
+        action="store_true",
+        help="print which implementation each backbone and head layer runs, and why",
     )
     info.add_argument(
         "--plan-size", type=_size, default=(512, 512), metavar="HxW", help="input size of the plan (512x512)"

@@ -35,7 +35,8 @@ import torch
 
 from . import kernels, tuning
 from .folding import cached
-from .kernels._common import env_switch, interpreting, native_bf16
+from .kernels import native
+from .kernels._common import env_switch, interpreting, native_bf16, out_memory_format
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
@@ -53,11 +54,13 @@ __all__ = [
     "merge_into_winograd",
     "native_bf16",
     "Plan",
+    "resize_choice",
     "tune_default",
     "warn_if_emulated",
     "winograd_choice",
     "winograd_default",
     "winograd_tile",
+    "winograd_transforms_choice",
 ]
 
 ENV_VAR = "UPERNET_FAST_BACKEND"
@@ -208,6 +211,37 @@ def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, .
         return False
     per_output = ((tile + 2) / tile) ** 2
     return 9 * low_size[0] * low_size[1] >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
+
+
+def _native_unavailable() -> str:
+    if not native.enabled():
+        return f"C helpers switched off ({native.ENV_VAR}=0)"
+    return "C helpers unavailable (no C compiler, a failed build or an unsupported OS; warned at first use)"
+
+
+def resize_choice(ops: Ops, x: torch.Tensor) -> tuple[str, str]:
+    """(implementation, why) of ``ops.resize_bilinear(x, size)``, for the plan: Triton, else the C resize
+    where ``kernels/resize.py`` takes it (CPU float32 input with an NCHW output, C helpers built), else
+    ATen's. The kernel's own test on its inputs, restated (tests/test_plan.py checks they agree)."""
+    if ops.backend_of("resize_bilinear") == "triton":
+        return "Triton", "Triton backend"
+    aten = "ATen upsample_bilinear2d"
+    if x.device.type != "cpu" or x.dtype != torch.float32 or out_memory_format(x) != torch.contiguous_format:
+        return aten, f"the C resize takes CPU float32 NCHW inputs ({x.device.type}, {x.dtype})"
+    if native.library() is None:
+        return aten, _native_unavailable()
+    return "C (kernels/csrc/resize.c)", "CPU float32 NCHW input, C helpers built"
+
+
+def winograd_transforms_choice(device: torch.device | str) -> tuple[str, str]:
+    """(implementation, why) of the Winograd tile transforms (``kernels/winograd.py``), for the plan: in C
+    when the C helpers built (Winograd runs on CPU float32 only, see ``winograd_choice``), else in
+    PyTorch. The kernel's own test, restated (tests/test_plan.py checks they agree)."""
+    if torch.device(device).type != "cpu":
+        return "PyTorch", "not on CPU"
+    if native.library() is None:
+        return "PyTorch", _native_unavailable()
+    return "C (kernels/csrc/winograd.c)", "CPU float32, C helpers built"
 
 
 _warned_emulated: set[str] = set()

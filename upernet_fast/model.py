@@ -106,10 +106,10 @@ class FastUperNet(nn.Module):
         )
 
     def plan(self, height: int = 512, width: int = 512, batch: int = 1) -> list[dict[str, str]]:
-        """Which implementation each decode-head layer runs for inputs of this size, and why (default
-        rule, measured on this CPU, or forced): the frozen plan of that input signature, built by one
-        forward pass on zeros if no call has built it yet (tuning, when on, happens then if this machine
-        never measured these shapes)."""
+        """Which implementation each backbone and decode-head layer runs for inputs of this size, and why
+        (default rule, measured on this CPU, or forced): the frozen plan of that input signature, built by
+        one forward pass on zeros if no call has built it yet (tuning, when on, happens then if this
+        machine never measured these shapes)."""
         x = torch.zeros(
             batch, self.backbone.num_channels, height, width, dtype=self.dtype, device=self.device
         )
@@ -170,12 +170,17 @@ class FastUperNet(nn.Module):
                 f"each side must be at least {self.backbone.reduction} pixels"
             )
 
-    def _run_backbone(self, pixel_values: torch.Tensor, hidden: bool, attentions: bool) -> BackboneOutput:
+    def _run_backbone(
+        self, pixel_values: torch.Tensor, hidden: bool, attentions: bool, plan: dispatch.Plan | None
+    ) -> BackboneOutput:
+        """The backbone's outputs; a native backbone notes its implementation choices in `plan`."""
         if getattr(self.backbone, "is_transformers_backbone", False):
             from .backbones.hf_wrapper import run_transformers_backbone
 
             return run_transformers_backbone(self.backbone, pixel_values, hidden, attentions)
-        return self.backbone(pixel_values, output_hidden_states=hidden, output_attentions=attentions)
+        return self.backbone(
+            pixel_values, output_hidden_states=hidden, output_attentions=attentions, plan=plan
+        )
 
     @torch.no_grad()
     def forward(
@@ -211,17 +216,21 @@ class FastUperNet(nn.Module):
             dispatch.warn_if_emulated(pixel_values.dtype, pixel_values.device)
             if pixel_values.device.type == "cpu" and _memory.keep_memory_requested():
                 _memory.keep_freed_memory()
-        outputs = self._run_backbone(pixel_values, bool(output_hidden_states), bool(output_attentions))
+        outputs = self._run_backbone(
+            pixel_values, bool(output_hidden_states), bool(output_attentions), ops.plan
+        )
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
         # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).
         # The head returns float32 logits for a bf16/fp16 model (see UperNetHead.classify).
-        logits = ops.resize_bilinear(self.decode_head(features, ops).contiguous(), pixel_values.shape[2:])
+        fused = self.decode_head(features, ops).contiguous()
+        logits = ops.resize_bilinear(fused, pixel_values.shape[2:])
 
         loss = None
         if labels is not None:
             loss = self._loss(logits, features, labels, pixel_values.shape[2:], ops)
         if ops.plan is not None:
+            self._note_native_helpers(ops, fused, logits)
             ops.plan.frozen = True  # later calls with this signature replay its decisions
 
         if not return_dict:
@@ -234,6 +243,20 @@ class FastUperNet(nn.Module):
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+    def _note_native_helpers(self, ops: dispatch.Ops, fused: torch.Tensor, logits: torch.Tensor) -> None:
+        """Note the C-or-PyTorch choices the kernels make inside the head's ops, while the plan is built:
+        the Winograd tile transforms (if a conv ran as Winograd) and the logits resize of `fused`. The
+        kernels decide from their inputs alone, so `dispatch` restates their test here."""
+        plan = ops.plan
+        if plan is None or plan.frozen:
+            return
+        if any(impl.startswith("Winograd") for _, _, impl, _ in plan.notes):
+            impl, why = dispatch.winograd_transforms_choice(fused.device)
+            plan.note(self.decode_head, "Winograd tile transforms", impl, why)
+        (h, w), (height, width) = fused.shape[2:], logits.shape[2:]
+        impl, why = dispatch.resize_choice(ops, fused)
+        plan.note(self.decode_head, f"logits resize {h}x{w} -> {height}x{width}", impl, why)
 
     def _empty_batch(
         self,

@@ -48,7 +48,10 @@ class Backbone(nn.Module):
 
     - `channels`: channel count of each returned feature map (transformers' `backbone.channels`);
     - `reduction`: total stride of the deepest returned feature map (inputs smaller than this are refused);
-    and implement `forward(pixel_values, output_hidden_states=False, output_attentions=False) -> BackboneOutput`.
+    and implement `forward(pixel_values, output_hidden_states=False, output_attentions=False, plan=None)
+    -> BackboneOutput`. `plan` is the `dispatch.Plan` of this input signature (None: nothing to record,
+    e.g. under torch.compile); while it is not frozen, the backbone notes each implementation choice it
+    makes (`plan.note(owner module, part, implementation, why)`), from the same tests its code branches on.
 
     Parameter names below `backbone.` are exactly those of the checkpoint file transformers writes.
     `remap_state_dict` turns alternative key layouts (e.g. transformers 5's in-memory Swin names) into ours.
@@ -70,17 +73,20 @@ class Backbone(nn.Module):
         num_features: Callable[[dict[str, Any]], list[int]],
         strides: Callable[[dict[str, Any]], list[int]],
         name: str,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """The setup every native backbone shares: its config (`defaults` overlaid with the keys of
         `config` it knows), the activation check, and `num_channels`, `stage_names`, `out_features` (in
         stage order, as transformers returns them), `channels` and `reduction`. `num_features(cfg)` and
-        `strides(cfg)` give the channels and the total stride of the stem and of each stage. Returns the
-        config."""
+        `strides(cfg)` give the channels and the total stride of the stem and of each stage; `check(cfg)`,
+        run after the activation check, raises for a config they cannot read. Returns the config."""
         cfg = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
         if cfg["hidden_act"] not in activations:
             raise ValueError(
-                f"unsupported {name} hidden_act {cfg['hidden_act']!r}; use one of {list(activations)}"
+                f"{name} hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(activations)}"
             )
+        if check is not None:
+            check(cfg)
         num_stages = len(cfg["depths"])
         self.config = cfg
         self.num_channels = cfg["num_channels"]

@@ -11,15 +11,18 @@ Parameter names are transformers'.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from .base import Backbone, BackboneOutput, eager_inference, stage_selection
-from .fused_linear import FUSED_ACT, LinearWeights, mlp_rows_, normalize, use_onednn
+from .base import Backbone, BackboneOutput, eager_inference
+from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
+
+if TYPE_CHECKING:
+    from ..dispatch import Plan
 
 _CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 
@@ -100,13 +103,22 @@ class ConvNextLayer(nn.Module):
             y = F.linear(self.act(F.linear(y, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
             return x + y.permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.fused_act is not None and _CONV_POINTWISE is not None and use_onednn(x, bf16=True):
+        if self.onednn_mlp_blocker(x) is None:
             return self._forward_onednn(x, fc1, fc2)
         y = self.dwconv(x).contiguous(memory_format=torch.channels_last)  # no-ops on the fast path
         c = y.shape[1]
         rows, residual = y.permute(0, 2, 3, 1).view(-1, c), x.permute(0, 2, 3, 1).view(-1, c)
         mlp_rows_(rows, rows, fc1, fc2, self.layernorm.eps, self.fused_act, self.act, residual=residual)
         return y
+
+    def onednn_mlp_blocker(self, x: torch.Tensor) -> str | None:
+        """Why the MLP cannot run as oneDNN 1x1 convs (`_forward_onednn`) on `x`, or None when it does: the
+        test `forward` branches on, and what the plan notes."""
+        if self.fused_act is None:
+            return "no oneDNN post-op for this hidden_act"
+        if _CONV_POINTWISE is None:
+            return "this PyTorch build has no mkldnn._convolution_pointwise"
+        return onednn_blocker(x, bf16=True)
 
     def _forward_onednn(self, x: torch.Tensor, fc1: LinearWeights, fc2: LinearWeights) -> torch.Tensor:
         """x + pwconv2(act(pwconv1(norm(dwconv(x))))) as 1x1 oneDNN convs with fused post-ops (x channels-last).
@@ -154,35 +166,44 @@ class ConvNextEncoder(nn.Module):
         )
 
 
+def _check_stages(cfg: dict[str, Any]) -> None:
+    if len(cfg["hidden_sizes"]) != cfg["num_stages"] or len(cfg["depths"]) != cfg["num_stages"]:
+        raise ValueError("ConvNeXt config: hidden_sizes and depths must both have num_stages entries")
+
+
 class ConvNextBackbone(Backbone):
+    """Drop-in for transformers' `ConvNextBackbone`; `config` is the raw `backbone_config` dict of an UperNet config."""
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        cfg = {**CONVNEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-        if cfg["hidden_act"] not in ACTIVATIONS:
-            raise ValueError(
-                f"ConvNeXt hidden_act {cfg['hidden_act']!r} unsupported; use one of {list(ACTIVATIONS)}"
-            )
-        if len(cfg["hidden_sizes"]) != cfg["num_stages"] or len(cfg["depths"]) != cfg["num_stages"]:
-            raise ValueError("ConvNeXt config: hidden_sizes and depths must both have num_stages entries")
-        self.num_channels = cfg["num_channels"]
+        cfg = self._setup(
+            {k: v for k, v in config.items() if v is not None},  # None: transformers' default
+            CONVNEXT_DEFAULTS,
+            ACTIVATIONS,
+            lambda c: [c["hidden_sizes"][0], *c["hidden_sizes"]],
+            lambda c: [c["patch_size"] * 2 ** max(i - 1, 0) for i in range(c["num_stages"] + 1)],
+            "ConvNeXt",
+            check=_check_stages,
+        )
         self.embeddings = ConvNextEmbeddings(cfg["num_channels"], cfg["hidden_sizes"][0], cfg["patch_size"])
         self.encoder = ConvNextEncoder(cfg)
-        self.out_features = stage_selection(config, cfg["num_stages"])
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, cfg["num_stages"] + 1)]
-        num_features = [cfg["hidden_sizes"][0]] + list(cfg["hidden_sizes"])
-        self.channels = [num_features[self.stage_names.index(s)] for s in self.out_features]
         self.hidden_states_norms = nn.ModuleDict(
             {s: LayerNorm2d(c, eps=LN_EPS) for s, c in zip(self.out_features, self.channels, strict=True)}
         )
-        deepest = max(self.stage_names.index(s) for s in self.out_features)
-        self.reduction = cfg["patch_size"] * 2 ** max(deepest - 1, 0)
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        plan: Plan | None = None,
     ) -> BackboneOutput:
         x = self.embeddings(pixel_values.contiguous(memory_format=torch.channels_last))
         hidden_states = [x]
+        noting = plan is not None and not plan.frozen and eager_inference()
         for stage in self.encoder.stages:
+            if noting:
+                self._note_mlp(plan, stage, x)
             x = stage(x)
             hidden_states.append(x)
         feature_maps = tuple(
@@ -193,3 +214,30 @@ class ConvNextBackbone(Backbone):
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
+
+    def _note_mlp(self, plan: Plan, stage: ConvNextStage, x: torch.Tensor) -> None:
+        """The MLP path of `stage`'s layers on inputs like `x` (one note: its layers share shapes and
+        activation), from `ConvNextLayer.onednn_mlp_blocker`; on the row-chunked path, its two Linears."""
+        if not stage.layers:
+            return
+        layer, act = stage.layers[0], self.config["hidden_act"]
+        fc1, fc2 = layer.folded()
+        hidden, dim = fc1.weight.shape
+        part = f"layers.*.pwconv1/pwconv2 (MLP): {dim}->{hidden}->{dim}, {x.dtype}"
+        blocker = layer.onednn_mlp_blocker(x)
+        if blocker is None:
+            kind = "CPU float32" if x.dtype == torch.float32 else "bfloat16 on a CPU with native bf16"
+            impl = f"oneDNN 1x1 convs, {act} + residual add fused"
+            plan.note(stage, part, impl, f"{kind}; see bench/results/decisions.md, ConvNeXt MLP")
+            return
+        plan.note(
+            stage,
+            part,
+            "row-chunked LayerNorm + Linears (mlp_rows_)",
+            f"{blocker} ({x.device.type}, {x.dtype})",
+        )
+        for name, lw, a in (("pwconv1", fc1, act), ("pwconv2", fc2, None)):
+            impl, why = linear_plan(x, lw, a, fused=a is not None and layer.fused_act is not None)
+            plan.note(
+                stage, f"layers.*.{name}: {lw.weight.shape[1]}->{lw.weight.shape[0]}, {x.dtype}", impl, why
+            )

@@ -29,17 +29,34 @@ _PACK_BATCH_HINT = 1024  # oneDNN weight layout hint; measured insensitive (64..
 FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
+def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
+    """Why oneDNN's fused ops cannot run on `x` here, or None when they can (`use_onednn`): eager CPU
+    float32 (and bfloat16 if `bf16`, on a CPU with native bf16) with oneDNN. Under torch.compile the plain
+    ops are traced instead: Inductor fuses those itself, and dynamo refuses to trace
+    `torch.backends.mkldnn.is_available`. Constant strings: this runs on every Linear call."""
+    if _LINEAR_POINTWISE is None:
+        return "this PyTorch build has no oneDNN pointwise ops"
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the plain ops"
+    if x.device.type != "cpu":
+        return "not on CPU"
+    if x.dtype != torch.float32:
+        if x.dtype != torch.bfloat16:
+            return "the oneDNN path is for float32 and bfloat16"
+        if not bf16:  # Swin-T measured: no gain, lower argmax agreement
+            return "bfloat16 Linears stay on MKL, see bench/results/decisions.md, ConvNeXt MLP"
+        if not native_bf16():
+            return "bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): oneDNN would emulate it"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN switched off (torch.backends.mkldnn.enabled)"
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN is not available"
+    return None
+
+
 def use_onednn(x: torch.Tensor, bf16: bool = False) -> bool:
-    """Eager CPU float32 (and bfloat16 if `bf16`, on a CPU with native bf16) with oneDNN. Under torch.compile the plain ops are traced instead: Inductor fuses
-    those itself, and dynamo refuses to trace `torch.backends.mkldnn.is_available`."""
-    return (
-        _LINEAR_POINTWISE is not None
-        and not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and (x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16 and native_bf16()))
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
-    )
+    """Whether oneDNN's fused ops run on `x` (see `onednn_blocker`)."""
+    return onednn_blocker(x, bf16) is None
 
 
 class LinearWeights:
@@ -65,10 +82,15 @@ class LinearWeights:
         return (LinearWeights, (self.weight, self.bias, False))
 
 
+def linear_onednn(x: torch.Tensor, lw: LinearWeights) -> bool:
+    """Whether `linear(x, lw)` runs on oneDNN: the one test it branches on (and `linear_plan` reports)."""
+    return lw.onednn and use_onednn(x)
+
+
 def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
     """`F.linear` (+ activation): oneDNN's inner product with the packed weight and fused activation for
     narrow layers on CPU fp32, MKL otherwise (see the module docstring)."""
-    if lw.onednn and use_onednn(x):
+    if linear_onednn(x, lw):
         attr, algo = act if act is not None else ("none", "")
         weight = lw.packed if lw.packed is not None else lw.weight
         return _LINEAR_POINTWISE(x, weight, lw.bias, attr, [], algo)
@@ -76,6 +98,25 @@ def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = Non
     if act is None:
         return y
     return F.relu(y) if act[0] == "relu" else F.gelu(y, approximate=act[1])
+
+
+def linear_plan(
+    x: torch.Tensor, lw: LinearWeights, act: str | None = None, fused: bool = False
+) -> tuple[str, str]:
+    """(implementation, why) of `linear` on inputs like `x`, for `FastUperNet.plan`: from the tests it
+    branches on (`LinearWeights.onednn`, `onednn_blocker`). `act` names the activation that follows the
+    Linear; `fused`: passed to `linear` as its oneDNN post-op (else applied separately)."""
+    mkl = "MKL F.linear" + (f" + {act}" if act else "")
+    narrow, source = min(lw.weight.shape), "see bench/results/decisions.md, Backbone Linears"
+    if not lw.onednn:
+        return mkl, f"min(in, out) {narrow} >= ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW}; {source}"
+    blocker = onednn_blocker(x)
+    if blocker is not None:
+        return mkl, f"{blocker} ({x.device.type}, {x.dtype})"
+    impl = "oneDNN inner product" + (", packed weight" if lw.packed is not None else "")
+    if act:
+        impl += f", {act} fused" if fused else f" + {act}"
+    return impl, f"min(in, out) {narrow} < ONEDNN_MAX_NARROW {ONEDNN_MAX_NARROW}; {source}"
 
 
 def plain_weights(owner: nn.Module, name: str, linear: nn.Linear) -> LinearWeights:

@@ -12,12 +12,15 @@ Reference semantics worth knowing:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .base import Backbone, BackboneOutput
+
+if TYPE_CHECKING:
+    from ..dispatch import Plan
 
 # transformers' ResNetConfig defaults (ResNet-50).
 RESNET_DEFAULTS: dict[str, Any] = {
@@ -146,8 +149,13 @@ class ResNetBackbone(Backbone):
         self.encoder = ResNetEncoder(cfg)
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        plan: Plan | None = None,
     ) -> BackboneOutput:
+        # `plan` gets no notes: every layer is PyTorch's conv/BatchNorm, there is no alternative path.
         if pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 "Make sure that the channel dimension of the pixel values match with the one set in the configuration."

@@ -32,7 +32,7 @@ Inference fast path (no autograd, no attention weights asked for; exact up to fl
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,10 @@ from torch import nn
 
 from ..folding import cached
 from .base import Backbone, BackboneOutput, eager_inference
-from .fused_linear import FUSED_ACT, LinearWeights, linear, mlp_rows_, normalize, plain_weights
+from .fused_linear import FUSED_ACT, LinearWeights, linear, linear_plan, mlp_rows_, normalize, plain_weights
+
+if TYPE_CHECKING:
+    from ..dispatch import Plan
 
 # transformers' SwinConfig defaults (the fields that matter at inference).
 SWIN_DEFAULTS: dict[str, Any] = {
@@ -356,7 +359,7 @@ class SwinLayer(nn.Module):
 
     def _mlp_(self, x: torch.Tensor) -> None:
         """x (T, C) += MLP(layernorm_after(x)), in place, in row chunks (the 4C hidden stays in cache)."""
-        fc1, fc2 = self._fc1_weights(), plain_weights(self, "fc2", self.output.dense)
+        fc1, fc2 = self._fc1_weights(), self._fc2_weights()
         mlp_rows_(x, x, fc1, fc2, self.layernorm_after.eps, self._fused_act, self.act)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
@@ -400,9 +403,24 @@ class SwinLayer(nn.Module):
                     sl = slice(i * per_image, (i + 1) * per_image)
                     out[sl] = attend(qkv[sl.start * n : sl.stop * n], mask)
         out = out.reshape(-1, c).index_select(0, scatter)  # un-partition + roll back + crop: (B*H*W, C)
-        x = linear(out, plain_weights(self, "proj", self.attention.output.dense)).add_(tokens)
+        x = linear(out, self._proj_weights()).add_(tokens)
         self._mlp_(x)
         return x.view(b, h, w, c)
+
+    def _proj_weights(self) -> LinearWeights:
+        return plain_weights(self, "proj", self.attention.output.dense)
+
+    def _fc2_weights(self) -> LinearWeights:
+        return plain_weights(self, "fc2", self.output.dense)
+
+    def linears(self) -> list[tuple[str, LinearWeights, bool]]:
+        """(on-disk name, weights, followed by the activation) of each Linear `forward_fast` runs."""
+        return [
+            ("attention.self.query/key/value (one fused Linear)", self._qkv_weights()[0], False),
+            ("attention.output.dense", self._proj_weights(), False),
+            ("intermediate.dense", self._fc1_weights(), True),
+            ("output.dense", self._fc2_weights(), False),
+        ]
 
 
 class SwinPatchMerging(nn.Module):
@@ -422,6 +440,16 @@ class SwinPatchMerging(nn.Module):
         )
         return self.reduction(self.norm(x))
 
+    def weights(self) -> LinearWeights:
+        """`reduction` with `norm`'s affine folded in."""
+        red = self.reduction
+        return cached(
+            self,
+            "reduction",
+            [self.norm.weight, self.norm.bias, red.weight, red.bias],
+            lambda: LinearWeights(*_fold_ln_into_linear(self.norm, red.weight, red.bias)),
+        )
+
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Inference only; `norm`'s affine folded into `reduction`. x: (B, H, W, C) -> (B, H', W', 2C)."""
         b, h, w, c = x.shape
@@ -434,15 +462,8 @@ class SwinPatchMerging(nn.Module):
             merged[:, -1, :, 1::2] = 0
         if w % 2:
             merged[:, :, -1, 2:] = 0
-        red = self.reduction
-        weights = cached(
-            self,
-            "reduction",
-            [self.norm.weight, self.norm.bias, red.weight, red.bias],
-            lambda: LinearWeights(*_fold_ln_into_linear(self.norm, red.weight, red.bias)),
-        )
         y = normalize(merged.view(-1, 4 * c), self.norm.eps)
-        return linear(y, weights).view(b, h2, w2, -1)
+        return linear(y, self.weights()).view(b, h2, w2, -1)
 
 
 class SwinStage(nn.Module):
@@ -539,13 +560,18 @@ class SwinBackbone(Backbone):
         return out
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        plan: Plan | None = None,
     ) -> BackboneOutput:
         # Fast path whenever no autograd graph is recorded; blocks whose attention weights are returned
         # (the last of each stage) take transformers' explicit path. Under torch.compile the reference
         # path is traced instead (the fast path's cached indices/packed weights are eager-only; inductor
         # fuses and packs on its own).
         fast = eager_inference()
+        noting = fast and plan is not None and not plan.frozen
         x = self.embeddings(pixel_values, channels_last=fast)
         hidden_states = [_to_nchw(x)] if output_hidden_states else None
         attentions = [] if output_attentions else None
@@ -555,6 +581,9 @@ class SwinBackbone(Backbone):
         # Stages past the deepest selected one change no output unless all hidden states/attentions are wanted.
         last = len(self.encoder.layers) if (output_hidden_states or output_attentions) else self._deepest
         for i, stage in enumerate(self.encoder.layers[:last]):
+            if noting and stage.blocks:
+                block = stage.blocks[0]
+                self._note_linears(plan, stage, block.linears(), x, fused=block._fused_act is not None)
             weights = None
             for j, block in enumerate(stage.blocks):
                 need = output_attentions and j == len(stage.blocks) - 1
@@ -570,9 +599,31 @@ class SwinBackbone(Backbone):
             if attentions is not None:
                 attentions.append(weights)
             if stage.downsample is not None and i + 1 < last:
+                if noting:
+                    self._note_linears(
+                        plan, stage.downsample, [("reduction", stage.downsample.weights(), False)], x
+                    )
                 x = stage.downsample.forward_fast(x) if fast else stage.downsample(x)
         return BackboneOutput(
             feature_maps=tuple(feature_maps),
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             attentions=tuple(attentions) if attentions is not None else None,
         )
+
+    def _note_linears(
+        self,
+        plan: Plan,
+        owner: nn.Module,
+        linears: list[tuple[str, LinearWeights, bool]],
+        x: torch.Tensor,
+        fused: bool = False,
+    ) -> None:
+        """One note per Linear kind of `owner` (a stage's blocks share their shapes) on inputs like `x`:
+        oneDNN or MKL, from the tests `fused_linear.linear` branches on (`linear_plan`). `fused`: the
+        activation goes to oneDNN as a post-op."""
+        act = self.config["hidden_act"]
+        prefix = "blocks.*." if isinstance(owner, SwinStage) else ""
+        for name, lw, activated in linears:
+            impl, why = linear_plan(x, lw, act if activated else None, fused and activated)
+            shape = f"{lw.weight.shape[1]}->{lw.weight.shape[0]}, {x.dtype}"
+            plan.note(owner, f"{prefix}{name}: {shape}", impl, why)
