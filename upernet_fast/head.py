@@ -160,9 +160,8 @@ class UperNetHead(nn.Module):
     def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
         """The pyramid-pooling module. In a bf16/fp16 model it runs in float32 (weights folded from the
         model's own parameters in float64, input widened, output rounded back): it works on the smallest
-        map, so this costs little, and its error feeds every level of the top-down path. On Swin-T 512x512
-        it raised the argmax agreement with fp32 from 94.84% to 97.08% (transformers-bf16: 96.32%; README,
-        bf16 accuracy)."""
+        map, so this costs little, and its error feeds every level of the top-down path: in bf16 it
+        cost Swin-T the most argmax agreement with fp32 (bench/results/decisions.md, "bf16 PPM")."""
         ops = _default_ops(x, ops)
         xc = x.float() if x.dtype in _ACCUMULATE_IN_FLOAT32 else x
         pooled = ops.adaptive_pool_multi(xc, self.pool_scales)
@@ -172,9 +171,8 @@ class UperNetHead(nn.Module):
     def classify(self, fused: torch.Tensor) -> torch.Tensor:
         """The 1x1 `classifier`; float32 logits for a bf16/fp16 model. There the fused
         features arrive in float32 (the bottleneck accumulates in float32) and the classifier runs in
-        float32 on them (its weight widened once): measured on ConvNeXt-T 512², AMX, 1 thread, this costs
-        ~7% of the bf16 forward over a bf16 classifier and raised the argmax agreement with fp32 from
-        98.37% to 98.40% on the benchmark image (transformers-bf16: 98.46%; README, bf16 accuracy)."""
+        float32 on them (its weight widened once): a few percent of the bf16 forward for a higher argmax
+        agreement with fp32 (bench/results/decisions.md, "bf16 classifier")."""
         c = self.classifier
         if c.weight.dtype not in _ACCUMULATE_IN_FLOAT32:  # float32/float64: the model's own dtype
             return c(fused.to(c.weight.dtype))

@@ -127,8 +127,8 @@ def labels_at_size(logits: torch.Tensor, size: tuple[int, int], backend: str | N
 
     The fused `resize_argmax` op (through `dispatch`, so the Triton kernel on CUDA): the same labels as
     `F.interpolate(logits, size, mode="bilinear").argmax(1)` in bounded memory, never the full-size
-    C-channel tensor. (It replaced a boundary-pixel shortcut that was slower: 150 x 128² -> 512², 2 threads,
-    44 vs 185 ms; to 3000x4000, 4.3 vs 4.6 s; identical labels.)"""
+    C-channel tensor. (It replaced a slower boundary-pixel shortcut with identical labels:
+    bench/results/decisions.md, "labels_at_size".)"""
     x = logits[None] if logits.dim() == 3 else logits
     labels = dispatch.get_op("resize_argmax", backend, x.device)(x, [int(size[0]), int(size[1])])
     return labels[0] if logits.dim() == 3 else labels

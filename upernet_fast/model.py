@@ -221,7 +221,7 @@ class FastUperNet(nn.Module):
         )
         features = outputs.feature_maps
         # NCHW-contiguous logits, as transformers returns them (code may .view() them); resizing from NCHW
-        # is also faster than from channels-last (83 vs 93 ms for 150 x 128² -> 512², conversion included).
+        # is also faster than from channels-last (bench/results/decisions.md, "Logits layout").
         # The head returns float32 logits for a bf16/fp16 model (see UperNetHead.classify).
         fused = self.decode_head(features, ops).contiguous()
         logits = ops.resize_bilinear(fused, pixel_values.shape[2:])
