@@ -7,6 +7,8 @@ the project rule "error vs a float64 reference <= 2x PyTorch's own error in the 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,28 @@ def test_conv_bn_relu_torch(k: int, pad: int, relu: bool, layout: str) -> None:
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
     assert_close(conv_bn_relu(x, w, None, pad, relu), F.relu(F.conv2d(x, w, None, padding=pad)) if relu else
                  F.conv2d(x, w, None, padding=pad), 1e-6, "no bias")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,pad", [(3, 1), (1, 0)])
+def test_conv_bn_relu_fused_relu_post_op(k: int, pad: int, dtype: torch.dtype, monkeypatch) -> None:
+    """Channels-last CPU input with ReLU: oneDNN's conv with the ReLU post-op runs, and its result is
+    bitwise conv2d then ReLU (ReLU commutes with the final rounding)."""
+    cbr = importlib.import_module("upernet_fast.kernels.conv_bn_relu")
+    if cbr._CONV_POINTWISE is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN pointwise convolution")
+    calls = []
+    real = cbr._CONV_POINTWISE
+    monkeypatch.setattr(cbr, "_CONV_POINTWISE", lambda *a: calls.append(a[7]) or real(*a))
+    x = cl(rand(2, 7, 11, 13)).to(dtype)
+    w, b = rand(9, 7, k, k, seed=1).to(dtype), rand(9, seed=2).to(dtype)
+    y = cbr.conv_bn_relu_torch(x, w, b, pad, True)
+    assert calls == ["relu"]
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, F.conv2d(x, w, b, padding=pad).relu_())
+    cbr.conv_bn_relu_torch(x.contiguous(), w, b, pad, True)  # NCHW input: the plain path
+    cbr.conv_bn_relu_torch(x, w, b, pad, False)  # no ReLU: the plain path
+    assert calls == ["relu"]
 
 
 # ------------------------------------------------------------------------------------------------- PPM

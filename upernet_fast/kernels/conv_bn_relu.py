@@ -14,14 +14,16 @@ of one image and loops over taps x input-channel blocks, multiplying an im2col t
 accumulation in float32 (``input_precision="ieee"``: true fp32, never TF32). Bias and ReLU are applied to
 the accumulator before the single store.
 
-PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU); large, wide 1x1 convs
+PyTorch path: ``F.conv2d(x, W', b')`` followed by an in-place ReLU (oneDNN on CPU; on a channels-last CPU
+float32/bfloat16 input, oneDNN's convolution with the ReLU fused as a post-op instead); large, wide 1x1 convs
 on channels-last input as one GEMM into a huge-page output (``gemm_by_default``: MKL in float32, oneDNN/AMX in
 bfloat16); or, when the caller passes
 ``winograd_weight`` (a 3x3, padding-1 conv whose weight went through ``winograd_weight()``), the Winograd
 F(4x4, 3x3) / F(6x6, 3x3) convolution of ``winograd.py`` (not exact: see its error figures; whether and which
-is decided in ``upernet_fast.dispatch.winograd_choice``). The Triton path ignores ``winograd_weight``. oneDNN's fused
-conv+ReLU post-op gave no consistent gain over the plain path, and channels-last input is what
-makes the 1x1 convs fast (bench/results/decisions.md, "conv_bn_relu").
+is decided in ``upernet_fast.dispatch.winograd_choice``). The Triton path ignores ``winograd_weight``. The fused
+ReLU post-op is bitwise the same as conv then ReLU; it saves a pass over the output, which matters in
+bfloat16 (AMX convs are fast, the separate ReLU is not), and channels-last input is what makes the 1x1 convs
+fast (bench/results/decisions.md, "conv_bn_relu").
 """
 
 import torch
@@ -32,6 +34,8 @@ from ._memory import MIN_BYTES, empty_output
 from .winograd import conv3x3_winograd
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
+
+_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 
 
 @triton.jit
@@ -154,6 +158,20 @@ def gemm_by_default(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return gemm_possible(x, weight) and c_out >= 256 and b * c_out * h * w * 4 >= MIN_BYTES
 
 
+def _relu_post_op_possible(x: torch.Tensor) -> bool:
+    """Whether oneDNN's conv with a fused ReLU post-op runs on ``x``: eager, CPU float32/bfloat16,
+    channels-last (its output is channels-last, as ``F.conv2d``'s is for that input), oneDNN on."""
+    return (
+        _CONV_POINTWISE is not None
+        and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and out_memory_format(x) == torch.channels_last
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 def _conv1x1_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
@@ -187,6 +205,11 @@ def conv_bn_relu_torch(
         return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
     if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
         return _conv1x1_gemm(x, weight, bias, relu)
+    if relu and _relu_post_op_possible(x):
+        bias = None if bias is None else bias.to(x.dtype)
+        p, one = [padding, padding], [1, 1]
+        y = _CONV_POINTWISE(x, weight.to(x.dtype), bias, p, one, one, 1, "relu", [], "")
+        return y.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
     if relu:
         y = y.relu_()
