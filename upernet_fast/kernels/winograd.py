@@ -94,9 +94,9 @@ F63 = WinogradSpec(
 SPECS = {spec.tile: spec for spec in (F43, F63)}
 _BY_POINTS = {spec.points**2: spec for spec in SPECS.values()}
 
-TARGET_TILES = (
-    256  # tiles per block: workspaces stay in L2; best of 128-1024 (bench/results/decisions.md, "Winograd")
-)
+# Tiles per block: bounds the workspaces whatever the image size; time is flat from 256 to 1024 on both
+# CPU kinds measured (bench/results/decisions.md, "Winograd block size").
+TARGET_TILES = 256
 
 
 def spec_of(u: torch.Tensor) -> WinogradSpec:
