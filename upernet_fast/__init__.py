@@ -7,7 +7,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import UperNetConfig
-from .kernels._memory import keep_freed_memory
+from .kernels._memory import empty_cache, keep_freed_memory
 from .model import FastUperNet, load
 from .outputs import SemanticSegmenterOutput
 from .postprocess import post_process_semantic_segmentation
@@ -19,6 +19,7 @@ __all__ = [
     "Segmenter",
     "SemanticSegmenterOutput",
     "UperNetConfig",
+    "empty_cache",
     "export_onnx",
     "keep_freed_memory",
     "load",

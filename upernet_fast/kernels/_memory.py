@@ -19,6 +19,14 @@ gains more from it than upernet_fast: bench/results/decisions.md, "Keeping freed
 import never makes it: the ``upernet-fast`` CLI and the Ray workers, which own their processes, turn it on;
 in your own process call ``upernet_fast.keep_freed_memory()`` or set ``UPERNET_FAST_KEEP_MEMORY=1`` (read
 by the first CPU forward pass). ``UPERNET_FAST_KEEP_MEMORY=0`` vetoes it everywhere.
+
+Without touching that setting, the buffers the ops allocate themselves (``empty_output``: Winograd
+workspaces and outputs, GEMM outputs, the resized logits...) come from a small cache of their own, kept
+per thread: a cached buffer is handed out again only when nothing references it any more (its storage's
+use count is the cache's own reference alone), so a result the caller still holds is never overwritten.
+At most ``CACHE_BYTES`` of unreferenced buffers stay cached; ``empty_cache()`` frees them, and
+``UPERNET_FAST_BUFFER_CACHE=0`` (read at import) turns the cache off. This is what makes repeated calls
+steady without the process-wide switch (bench/results/decisions.md, "Buffer cache").
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
+import threading
 
 import torch
 
@@ -38,6 +48,8 @@ _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
 ENV_VAR = "UPERNET_FAST_HUGEPAGES"
+CACHE_ENV_VAR = "UPERNET_FAST_BUFFER_CACHE"
+CACHE_BYTES = 1 << 30  # unreferenced cached buffers kept per thread at most
 KEEP_ENV_VAR = "UPERNET_FAST_KEEP_MEMORY"
 KEEP_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
@@ -80,6 +92,35 @@ def advise_hugepages(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _BufferCache(threading.local):
+    """One thread's cached buffers, least recently handed out first."""
+
+    def __init__(self) -> None:
+        self.storages: list[torch.UntypedStorage] = []
+
+
+_cache = _BufferCache()
+_cache_enabled = env_switch(CACHE_ENV_VAR)
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _referenced(storage: torch.UntypedStorage) -> bool:
+    # One reference is the cache's own; every tensor or view made from it (or a NumPy array sharing it) adds one.
+    return _use_count(storage._cdata) > 1
+
+
+def _cacheable(nbytes: int, device: torch.device | str) -> bool:
+    """Large real CPU buffers, cache on; never under a fake-tensor mode (tracing), whose storages are not
+    memory."""
+    return (
+        _cache_enabled
+        and _use_count is not None
+        and nbytes >= MIN_BYTES
+        and torch.device(device).type == "cpu"
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+    )
+
+
 def empty_output(
     shape: tuple[int, ...] | list[int],
     *,
@@ -87,8 +128,43 @@ def empty_output(
     device: torch.device | str,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """``torch.empty`` for an op's output buffer, huge-page advised when large and on the CPU."""
-    return advise_hugepages(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
+    """``torch.empty`` for an op's output or scratch buffer (uninitialised). Large CPU buffers come from the
+    calling thread's buffer cache (module docstring), new ones huge-page advised."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not _cacheable(nbytes, device):
+        return advise_hugepages(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
+    storages = _cache.storages
+    for i, storage in enumerate(storages):
+        if storage.nbytes() == nbytes and not _referenced(storage):
+            storages.append(storages.pop(i))  # now the most recently used
+            break
+    else:
+        storage = advise_hugepages(torch.empty(nbytes, dtype=torch.uint8, device=device)).untyped_storage()
+        storages.append(storage)
+        _evict(storages)
+    stride = torch.empty(shape, dtype=dtype, device="meta", memory_format=memory_format).stride()
+    return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape, stride)
+
+
+def _evict(storages: list[torch.UntypedStorage]) -> None:
+    """Drop the least recently used unreferenced buffers while they add up to more than CACHE_BYTES."""
+    excess = sum(s.nbytes() for s in storages if not _referenced(s)) - CACHE_BYTES
+    kept = []
+    for storage in storages:
+        if excess > 0 and not _referenced(storage):
+            excess -= storage.nbytes()
+        else:
+            kept.append(storage)
+    storages[:] = kept
+
+
+def empty_cache() -> int:
+    """Free the calling thread's cached buffers that nothing references any more (see the module
+    docstring); returns the bytes released. The next calls allocate (and fault in) afresh."""
+    storages = _cache.storages
+    released = sum(s.nbytes() for s in storages if not _referenced(s))
+    storages[:] = [s for s in storages if _referenced(s)]
+    return released
 
 
 def keep_memory_requested() -> bool:
