@@ -37,6 +37,7 @@ from . import kernels, tuning
 from .folding import cached
 from .kernels import native
 from .kernels._common import env_switch, interpreting, native_bf16, out_memory_format
+from .kernels._memory import empty_output
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
@@ -267,6 +268,15 @@ def taps_weight(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) -> (9 * Cout, Cin, 1, 1) tap weights for ``upsample_shift_add`` (re-exported so
     the model layer asks dispatch, never a kernel module)."""
     return kernels.conv3x3_taps_weight(weight)
+
+
+def widen_to_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` into a buffer from the ops' buffer cache (``kernels/_memory.py``): in a bf16 model the
+    fused bottleneck's 32 MiB float32 accumulator would otherwise be page-faulted afresh on every call."""
+    if torch.compiler.is_compiling():
+        return x.float()
+    out = empty_output(x.shape, dtype=torch.float32, device=x.device, memory_format=out_memory_format(x))
+    return out.copy_(x)
 
 
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:

@@ -143,7 +143,7 @@ class UperNetHead(nn.Module):
         if low and out.dtype in _ACCUMULATE_IN_FLOAT32:
             # bf16/fp16 compute: the groups are summed in float32 (the shift-add's own op-math type, so it
             # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
-            out = out.float()
+            out = dispatch.widen_to_float32(out)
         for i, (feat, wt) in enumerate(zip(low, w_taps, strict=True)):
             ops.note(
                 module,
