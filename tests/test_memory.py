@@ -126,6 +126,13 @@ def test_buffer_cache_is_per_thread_and_capped(monkeypatch) -> None:
     assert [len(_memory._cache.storages)] == [1]  # the other thread's buffer is in its own cache
     _memory.empty_output((16 * MB,), dtype=torch.uint8, device="cpu")  # 12 + 16 MiB free > 20: LRU evicted
     assert [s.nbytes() for s in _memory._cache.storages] == [16 * MB]
+    # Best fit: a request of at least half a free buffer's size takes it (no new buffer)
+    ptr = _memory._cache.storages[0].data_ptr()
+    assert _memory.empty_output((9 * MB,), dtype=torch.uint8, device="cpu").data_ptr() == ptr
+    assert (
+        _memory.empty_output((8 * MB - 1,), dtype=torch.uint8, device="cpu").data_ptr() != ptr
+    )  # not cached
+    assert [s.nbytes() for s in _memory._cache.storages] == [16 * MB]
     assert _memory.empty_cache() == 16 * MB
 
 

@@ -50,6 +50,7 @@ _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 ENV_VAR = "UPERNET_FAST_HUGEPAGES"
 CACHE_ENV_VAR = "UPERNET_FAST_BUFFER_CACHE"
 CACHE_BYTES = 1 << 30  # unreferenced cached buffers kept per thread at most
+REUSE_SLACK = 2  # a cached buffer serves requests down to half its size
 KEEP_ENV_VAR = "UPERNET_FAST_KEEP_MEMORY"
 KEEP_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
@@ -134,10 +135,16 @@ def empty_output(
     if not _cacheable(nbytes, device):
         return advise_hugepages(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
     storages = _cache.storages
-    for i, storage in enumerate(storages):
-        if storage.nbytes() == nbytes and not _referenced(storage):
-            storages.append(storages.pop(i))  # now the most recently used
-            break
+    # Best fit among the unreferenced buffers up to REUSE_SLACK times the request: fewer distinct buffers
+    # (a smaller footprint) than exact sizes, without pinning a huge buffer for a small request.
+    fits = [
+        (storage.nbytes(), i)
+        for i, storage in enumerate(storages)
+        if nbytes <= storage.nbytes() <= REUSE_SLACK * nbytes and not _referenced(storage)
+    ]
+    if fits:
+        storage = storages.pop(min(fits)[1])
+        storages.append(storage)  # now the most recently used
     else:
         storage = advise_hugepages(torch.empty(nbytes, dtype=torch.uint8, device=device)).untyped_storage()
         storages.append(storage)
