@@ -102,7 +102,9 @@ class _BufferCache(threading.local):
 
 _cache = _BufferCache()
 _cache_enabled = env_switch(CACHE_ENV_VAR)
+# Private PyTorch hooks the cache needs; where a build lacks either, the cache stays off (plain torch.empty).
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+_FAKE_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
 
 
 def _referenced(storage: torch.UntypedStorage) -> bool:
@@ -116,9 +118,10 @@ def _cacheable(nbytes: int, device: torch.device | str) -> bool:
     return (
         _cache_enabled
         and _use_count is not None
+        and _FAKE_MODE is not None
         and nbytes >= MIN_BYTES
         and torch.device(device).type == "cpu"
-        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+        and torch._C._get_dispatch_mode(_FAKE_MODE) is None
     )
 
 
