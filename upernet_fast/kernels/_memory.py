@@ -112,16 +112,20 @@ def _referenced(storage: torch.UntypedStorage) -> bool:
     return _use_count(storage._cdata) > 1
 
 
+def _tracing() -> bool:
+    """Whether tensors made now are fake (a fake-tensor mode is active): no memory to advise or cache."""
+    return _FAKE_MODE is not None and torch._C._get_dispatch_mode(_FAKE_MODE) is not None
+
+
 def _cacheable(nbytes: int, device: torch.device | str) -> bool:
-    """Large real CPU buffers, cache on; never under a fake-tensor mode (tracing), whose storages are not
-    memory."""
+    """Large CPU buffers, with the cache on and the hooks it needs present (without the fake-mode key,
+    tracing could not be told apart)."""
     return (
         _cache_enabled
         and _use_count is not None
         and _FAKE_MODE is not None
         and nbytes >= MIN_BYTES
         and torch.device(device).type == "cpu"
-        and torch._C._get_dispatch_mode(_FAKE_MODE) is None
     )
 
 
@@ -135,6 +139,8 @@ def empty_output(
     """``torch.empty`` for an op's output or scratch buffer (uninitialised). Large CPU buffers come from the
     calling thread's buffer cache (module docstring), new ones huge-page advised."""
     nbytes = math.prod(shape) * dtype.itemsize
+    if _tracing():
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if not _cacheable(nbytes, device):
         return advise_hugepages(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
     storages = _cache.storages
