@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
+from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
 
 if TYPE_CHECKING:
     from ..dispatch import Plan
 
-_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 
 # transformers' ConvNextConfig defaults (hub configs may omit any of these).
 CONVNEXT_DEFAULTS: dict[str, Any] = {

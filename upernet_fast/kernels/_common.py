@@ -187,3 +187,8 @@ def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
+# oneDNN's convolution with fused post-ops (None in builds without it), shared by the ops' 1x1/3x3 convs
+# and the ConvNeXt MLP.
+CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)

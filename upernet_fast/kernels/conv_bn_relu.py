@@ -29,13 +29,12 @@ fast (bench/results/decisions.md, "conv_bn_relu").
 import torch
 import torch.nn.functional as F
 
+from ._common import CONV_POINTWISE as _CONV_POINTWISE
 from ._common import check_triton_tensors, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .winograd import conv3x3_winograd
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
-
-_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 
 
 @triton.jit
