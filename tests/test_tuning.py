@@ -12,6 +12,7 @@ import upernet_fast
 from conftest import compare_logits, make_reference
 from upernet_fast import dispatch, tuning
 from upernet_fast.kernels import native
+from upernet_fast.kernels._common import native_bf16
 
 REL_TOL = 1e-4
 
@@ -76,20 +77,32 @@ def test_tune_switch_uses_the_default_rules(monkeypatch):
         upernet_fast.load(make_reference("convnext"))
 
 
-@pytest.mark.parametrize("forced,gemm", [(0, False), (4, True), (6, False), (6, True)])
-def test_every_plan_the_calibration_can_pick_matches_transformers(wide_reference, monkeypatch, forced, gemm):
+@pytest.mark.parametrize(
+    "forced,gemm,split",
+    [(0, False, False), (0, True, True), (4, True, False), (6, False, False), (6, True, False)],
+)
+def test_every_plan_the_calibration_can_pick_matches_transformers(
+    wide_reference, monkeypatch, forced, gemm, split
+):
     """Whatever the measurements say on a machine, the model stays within tolerance: force each
-    candidate for every tuned conv (3x3 algorithm, 1x1 as GEMM or oneDNN) and compare with transformers."""
+    candidate for every tuned conv (3x3 algorithm, direct 3x3 in float32 or bf16x3, 1x1 as GEMM or oneDNN)
+    and compare with transformers. bf16x3 is forced wherever oneDNN has native bf16 (not only with AMX)."""
+    if split:
+        if not native_bf16():
+            pytest.skip("oneDNN has no native bfloat16 convs on this CPU")
+        monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
     monkeypatch.setattr(tuning, "winograd_tile", lambda *a: (forced, f"forced {forced}"))
     monkeypatch.setattr(tuning, "gemm_1x1", lambda *a: (gemm, f"forced gemm {gemm}"))
+    monkeypatch.setattr(tuning, "bf16x3", lambda *a: (split, f"forced split {split}"))
     fast = upernet_fast.load(wide_reference, tune=True)
     x = torch.randn(1, 3, 133, 197, generator=torch.Generator().manual_seed(3))  # level 0: 33x49
     with torch.no_grad():
         compare_logits(wide_reference(x).logits, fast(x).logits, REL_TOL)
     plan = fast.plan(133, 197)
-    tuned = [p for p in plan if p["why"] == f"forced {forced}"]
+    tuned = [p for p in plan if p["why"] in (f"forced {forced}", f"forced {forced}; forced split {split}")]
     assert tuned, plan
     expected = f"Winograd F({forced}x{forced})" if forced else "oneDNN/MKL"
+    expected = "bf16x3 (split bfloat16 on AMX)" if split else expected
     assert all(p["impl"] == expected for p in tuned), tuned
     ones = [p for p in plan if p["why"] == f"forced gemm {gemm}"]
     assert ones and all(p["impl"] == ("GEMM" if gemm else "oneDNN") for p in ones), plan

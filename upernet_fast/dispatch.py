@@ -17,6 +17,11 @@ is the one place that decides when and which: measured on this machine (``uperne
 (or ``load(..., winograd=False)``) keeps every conv exact. Each decision, with its reason, is noted for
 ``FastUperNet.plan()`` (``upernet-fast info --plan``).
 
+bf16x3 (CPU float32 with AMX, beyond exact): a direct 3x3 conv (not Winograd) can run as split bfloat16 on
+AMX with a float32 result (``kernels/bf16x3.py``, error ~7e-6 relative). ``bf16x3_choice`` decides: only
+with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``).
+``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 convs in float32.
+
 Typical use in the model layer::
 
     ops = dispatch.ops_for(backend, device)   # cheap; resolves lazily on each access
@@ -38,11 +43,14 @@ from .folding import cached
 from .kernels import native
 from .kernels._common import env_switch, interpreting, native_bf16, out_memory_format
 from .kernels._memory import empty_output
+from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 __all__ = [
     "BACKENDS",
+    "bf16x3_choice",
+    "bf16x3_default",
     "check_backend",
     "ENV_VAR",
     "OPS",
@@ -67,6 +75,7 @@ __all__ = [
 ENV_VAR = "UPERNET_FAST_BACKEND"
 WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
 TUNE_ENV_VAR = "UPERNET_FAST_TUNE"
+BF16X3_ENV_VAR = "UPERNET_FAST_BF16X3"
 # Default rules, used when tuning is off (UPERNET_FAST_TUNE=0, load(tune=False)) or while compiling; with
 # tuning on, `tuning.winograd_tile` measures the choice on the machine. Chosen to be right on AVX2 and
 # AVX-512 machines alike (measured tables: bench/results/):
@@ -81,6 +90,9 @@ WINOGRAD_F6_MIN_SIDE = 64
 # (9 vs 7.1 rows per low-res pixel) is merged, with F(4x4) (9 vs 9) and from 4x upsampling (9 vs 28) not.
 # A flop-count rule (the GEMMs dominate on every CPU measured), not tuned.
 WINOGRAD_MERGE_MARGIN = 1.15
+# (min channels, min map side) from which a direct 3x3 float32 conv runs as bf16x3 on an AMX CPU when tuning is
+# off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
+BF16X3_WINS = (256, 32)
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -130,6 +142,17 @@ def default_backend() -> str:
 def winograd_default() -> bool:
     """The switch ``UPERNET_FAST_WINOGRAD`` (default on)."""
     return env_switch(WINOGRAD_ENV_VAR)
+
+
+def bf16x3_default() -> bool:
+    """The switch ``UPERNET_FAST_BF16X3`` (default on)."""
+    return env_switch(BF16X3_ENV_VAR)
+
+
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 and PyTorch's oneDNN uses native bf16 (the only CPUs where bfloat16
+    convs are fast enough, 4-7x float32, for the four passes of bf16x3 to pay off)."""
+    return "amx_bf16" in native.cpu_flags() and native_bf16()
 
 
 def tune_default() -> bool:
@@ -198,6 +221,33 @@ def gemm_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -
             return gemm, why
         return None, f"default rule ({why}): GEMM for 256+ output channels and outputs of 8+ MB"
     return None, "default rule: GEMM for 256+ output channels and outputs of 8+ MB"
+
+
+def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[bool, str]:
+    """(run as bf16x3?, why) for a 3x3 float32 conv that ``winograd_choice`` left direct: only on a CPU with
+    AMX-BF16, for channels-last CPU float32 input on the PyTorch path; then measured on this machine
+    (``tuning.bf16x3``) unless tuning is off, else the default rule ``BF16X3_WINS``."""
+    c_out, c_in, kh, kw = weight.shape
+    if not ops.bf16x3:
+        return False, "bf16x3 switched off (bf16x3=False / UPERNET_FAST_BF16X3=0)"
+    if (kh, kw, padding) != (3, 3, 1) or ops.backend_of("conv_bn_relu") != "torch":
+        return False, "bf16x3 is for 3x3 convs (padding 1) on the PyTorch path"
+    if torch.compiler.is_compiling():
+        return False, "float32 while compiling (the CPU checks below do not trace)"
+    if not bf16x3_possible(x):
+        return False, "bf16x3 needs a channels-last CPU float32 input with oneDNN"
+    if not amx_bf16():
+        return False, "no AMX-BF16 on this CPU (bf16x3 would be slower than float32)"
+    h, w = x.shape[2:]
+    channels, side = BF16X3_WINS
+    default = min(c_in, c_out) >= channels and min(h, w) >= side
+    rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
+    if ops.tune:
+        use, why = tuning.bf16x3(c_in, c_out, h, w, default)
+        if use is not None:
+            return use, why
+        return default, f"default rule ({why}): {rule}"
+    return default, f"default rule: {rule}"
 
 
 def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> int:
@@ -341,11 +391,13 @@ class Ops:
         overrides: Mapping[str, str] | None = None,
         winograd: bool | None = None,
         tune: bool | None = None,
+        bf16x3: bool | None = None,
     ) -> None:
         self.backend = default_backend() if backend is None else check_backend(backend)
         self.device = torch.device("cpu" if device is None else device)
         self.winograd = winograd_default() if winograd is None else bool(winograd)
         self.tune = tune_default() if tune is None else bool(tune)
+        self.bf16x3 = bf16x3_default() if bf16x3 is None else bool(bf16x3)
         self.plan: Plan | None = None  # set by the model for one forward (see `Plan`)
         self.overrides = dict(overrides or {})
         for name, choice in self.overrides.items():
@@ -377,6 +429,12 @@ class Ops:
             self._note(owner, name, x, weight, why, "GEMM" if gemm else "oneDNN" if gemm is False else None)
             return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm)
         tile, why = self.choice(owner, name, x, weight, padding)
+        if not tile:
+            split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
+            if split:
+                w3 = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
+                self._note(owner, name, x, weight, f"{why}; {why_split}", "bf16x3 (split bfloat16 on AMX)")
+                return conv_bf16x3(x, w3, bias, padding, relu)
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
@@ -450,7 +508,7 @@ class Ops:
     def __repr__(self) -> str:
         return (
             f"Ops(backend={self.backend!r}, device={str(self.device)!r}, overrides={self.overrides}, "
-            f"winograd={self.winograd}, tune={self.tune})"
+            f"winograd={self.winograd}, tune={self.tune}, bf16x3={self.bf16x3})"
         )
 
 
@@ -460,7 +518,8 @@ def ops_for(
     overrides: Mapping[str, str] | None = None,
     winograd: bool | None = None,
     tune: bool | None = None,
+    bf16x3: bool | None = None,
 ) -> Ops:
     """The ops for tensors on ``device`` (see ``Ops``); ``None`` reads ``UPERNET_FAST_BACKEND``,
-    ``UPERNET_FAST_WINOGRAD`` and ``UPERNET_FAST_TUNE``."""
-    return Ops(backend, device, overrides, winograd, tune)
+    ``UPERNET_FAST_WINOGRAD``, ``UPERNET_FAST_TUNE`` and ``UPERNET_FAST_BF16X3``."""
+    return Ops(backend, device, overrides, winograd, tune, bf16x3)

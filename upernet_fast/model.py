@@ -30,9 +30,12 @@ class FastUperNet(nn.Module):
         backend: str | None = None,
         winograd: bool | None = None,
         tune: bool | None = None,
+        bf16x3: bool | None = None,
     ) -> None:
         """`backend`: "auto" | "triton" | "torch" (None: `UPERNET_FAST_BACKEND`, else "auto");
         `winograd`: Winograd for the head's large 3x3 convs on CPU (None: `UPERNET_FAST_WINOGRAD`, else on);
+        `bf16x3`: on AMX CPUs, large direct 3x3 float32 convs as split bfloat16 with a float32 result
+        (~7e-6 relative error; None: `UPERNET_FAST_BF16X3`, else on);
         `tune`: measure CPU-dependent choices on this machine once, cached (None: `UPERNET_FAST_TUNE`, else
         on; off: the default rules). All are plain attributes: set them later to switch paths (see
         `upernet_fast.dispatch`, `upernet_fast.tuning`)."""
@@ -48,6 +51,7 @@ class FastUperNet(nn.Module):
         self.backend = dispatch.default_backend() if backend is None else dispatch.check_backend(backend)
         self.winograd = dispatch.winograd_default() if winograd is None else bool(winograd)
         self.tune = dispatch.tune_default() if tune is None else bool(tune)
+        self.bf16x3 = dispatch.bf16x3_default() if bf16x3 is None else bool(bf16x3)
         self._plans: dict[tuple, dispatch.Plan] = {}  # per input signature, see `plan`
         self.eval()
 
@@ -60,12 +64,14 @@ class FastUperNet(nn.Module):
         backend: str | None = None,
         winograd: bool | None = None,
         tune: bool | None = None,
+        bf16x3: bool | None = None,
         seed: int | None = None,
     ) -> FastUperNet:
         """A randomly initialised model from a dict, a config.json path/directory or a transformers config."""
         if seed is not None:
             torch.manual_seed(seed)
-        return cls(UperNetConfig.from_any(config), backend=backend, winograd=winograd, tune=tune)
+        config = UperNetConfig.from_any(config)
+        return cls(config, backend=backend, winograd=winograd, tune=tune, bf16x3=bf16x3)
 
     @classmethod
     def from_pretrained(cls, source: Any, **kwargs: Any) -> FastUperNet:
@@ -101,8 +107,9 @@ class FastUperNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def ops_for(self, device: torch.device | str | None = None) -> dispatch.Ops:
         """The fused ops this model runs on `device` (default: its own), with its backend and Winograd choice."""
+        device = self.device if device is None else device
         return dispatch.ops_for(
-            self.backend, self.device if device is None else device, winograd=self.winograd, tune=self.tune
+            self.backend, device, winograd=self.winograd, tune=self.tune, bf16x3=self.bf16x3
         )
 
     def plan(self, height: int = 512, width: int = 512, batch: int = 1) -> list[dict[str, str]]:
@@ -126,7 +133,7 @@ class FastUperNet(nn.Module):
     def _plan_key(self, pixel_values: torch.Tensor) -> tuple:
         return (
             tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device,
-            self.backend, self.winograd, self.tune, tuple(sorted(dispatch._overrides.items())),
+            self.backend, self.winograd, self.tune, self.bf16x3, tuple(sorted(dispatch._overrides.items())),
         )  # fmt: skip
 
     def _plan_for(self, pixel_values: torch.Tensor) -> dispatch.Plan | None:
@@ -335,6 +342,7 @@ def load(
     backend: str | None = None,
     winograd: bool | None = None,
     tune: bool | None = None,
+    bf16x3: bool | None = None,
     strict: bool = True,
 ) -> FastUperNet:
     """A `FastUperNet` in eval mode from a directory, a hub id, or a transformers UperNet model.
@@ -344,11 +352,13 @@ def load(
     in-memory model's parameters; a file's config `dtype`, else its weights'), as transformers 5 does.
     `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
     `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
-    CPU-dependent choices once per machine) choose the fast paths; see `upernet_fast.dispatch`.
+    CPU-dependent choices once per machine) and `bf16x3` (None reads `UPERNET_FAST_BF16X3`, default on: on
+    AMX CPUs, large direct 3x3 float32 convs as split bfloat16) choose the fast paths; see
+    `upernet_fast.dispatch`.
     `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
     dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
     config, entries, stored = checkpoint.open_source(source)
-    model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune)
+    model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune, bf16x3=bf16x3)
     checkpoint.copy_state_dict(model, entries, strict=strict)
     if dtype in (None, "auto"):
         dtype = stored

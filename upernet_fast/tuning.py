@@ -4,7 +4,8 @@ Which convolution algorithm is fastest for a layer depends on the CPU: on an AVX
 beat F(4x4) for 512-channel 3x3 convs from 64x64 maps on; on an AVX-512 Xeon F(4x4) won at 128x128 and
 F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So the first time a conv
 shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6); 1x1 on channels-last
-input: oneDNN or one GEMM into a huge-page buffer) is timed once on random
+input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 float32 conv as float32 or as
+bf16x3) is timed once on random
 data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
 reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
@@ -165,6 +166,38 @@ def gemm_1x1(
     return bool(entry["choice"]), f"measured on this CPU: {describe(entry, GEMM_NAMES)}"
 
 
+def measure_bf16x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
+    """ms of one direct conv3x3 + bias + ReLU (batch 1, channels-last float32, h x w) in float32 (0) and as
+    bf16x3 (1)."""
+    from .kernels.bf16x3 import bf16x3_weight, conv_bf16x3
+    from .kernels.conv_bn_relu import conv_bn_relu_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    split = bf16x3_weight(weight)
+    with torch.no_grad():
+        conv_bf16x3(x, split, bias, 1, True)  # its two oneDNN primitives and buffers: the first call is ~1.5x
+        return _time_candidates(
+            {
+                1: lambda: conv_bf16x3(x, split, bias, 1, True),
+                0: lambda: conv_bn_relu_torch(x, weight, bias, 1, True),
+            }
+        )
+
+
+def bf16x3(c_in: int, c_out: int, h: int, w: int, default: bool = False) -> tuple[bool | None, str]:
+    """(as bf16x3?, why) for a direct 3x3 float32 conv of this shape on this machine, measured once (None:
+    too small to time, the caller's default rule applies)."""
+    ch, cw = min(h, CAP), min(w, CAP)
+    if 9 * c_in * c_out * ch * cw < MIN_MACS:
+        return None, "too small to time reliably"
+    name = f"conv3x3-bf16x3:{c_in}->{c_out}@{ch}x{cw}"
+    entry = _measured(name, lambda: measure_bf16x3(c_in, c_out, ch, cw), int(default))
+    return bool(entry["choice"]), f"measured on this CPU: {describe(entry, BF16X3_NAMES)}"
+
+
 def _measured(name: str, measure, default: int) -> dict:
     """The cached entry ``{"choice", "ms"}`` for ``name``, measuring (and saving) it on a miss."""
     path = cache_path()
@@ -181,7 +214,7 @@ def _measured(name: str, measure, default: int) -> dict:
             _save(path, table)
         except OSError as e:  # a read-only cache only costs a re-measurement next time
             print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
-        names = GEMM_NAMES if name.startswith("conv1x1") else TILE_NAMES
+        names = NAMES[name.split(":", 1)[0]]
         print(
             f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): "
             f"{describe(entry, names)}",
@@ -194,6 +227,12 @@ TILE_NAMES = {0: "direct", 4: "F(4x4)", 6: "F(6x6)"}
 
 
 GEMM_NAMES = {0: "oneDNN", 1: "GEMM"}
+
+
+BF16X3_NAMES = {0: "float32", 1: "bf16x3"}
+
+
+NAMES = {"conv3x3": TILE_NAMES, "conv1x1": GEMM_NAMES, "conv3x3-bf16x3": BF16X3_NAMES}
 
 
 def describe(entry: dict, names: dict[int, str]) -> str:

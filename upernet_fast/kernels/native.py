@@ -5,6 +5,7 @@
   against five PyTorch passes (pad copy, tile copy, transform GEMM, transform GEMM, strided scatter). The
   GEMMs between the transforms stay on MKL.
 - ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop).
+- ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
 
 Build: ``cc -O3 -shared -fPIC -fopenmp`` plus the vector ISA of the machine that runs it (``isa()``:
 AVX-512 → ``-mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma -mprefer-vector-width=512``, AVX2 →
@@ -37,7 +38,7 @@ from ._common import env_switch
 
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
-SOURCES = (Path(__file__).parent / "csrc" / "winograd.c", Path(__file__).parent / "csrc" / "resize.c")
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("winograd.c", "resize.c", "bf16x3.c"))
 
 _L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, tuple] = {
@@ -52,6 +53,9 @@ _SIGNATURES: dict[str, tuple] = {
 }
 # x, B, C, sb, sc, sh, sw, h, w, y, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads -> nonzero on failure
 _SIGNATURES["resize_bilinear_planes"] = (_P, _L, _L, _L, _L, _L, _L, _I, _I, _P, _I, _I, *[_P] * 8, _I)
+# x, hi, x3, pixels, C, threads / y_hi, r, bias, y, pixels, C, relu, threads
+_SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I)
+_SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
 _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 

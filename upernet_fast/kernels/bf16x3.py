@@ -1,0 +1,134 @@
+"""Float32 convolution on AMX as split bfloat16 ("bf16x3"), with a float32 result (CPU).
+
+On a CPU with AMX, oneDNN's bfloat16 3x3 convs run 4-7x faster than its float32 ones (512 channels at
+128²: 34 vs 242 ms on a Xeon with AMX-BF16), but a bfloat16 conv rounds its output to 8 significant bits.
+Here a float32 conv ``y = conv(x, W) + b`` is rebuilt from bfloat16 convs to about float32 accuracy:
+
+    x = hi + lo,  W = W_hi + W_lo       (hi = bf16(x), lo = bf16(x - hi): 16 significant bits together)
+    x W ≈ hi W_hi + hi W_lo + lo W_hi   (the dropped lo W_lo is ~2^-16 of each product)
+
+    y_hi = conv(hi, W_hi)                                        bf16 output, ~2^-8 off y
+    r    = conv([hi, hi, lo], [W_hi, W_lo, W_hi]) - y_hi         one conv over 3C channels; oneDNN applies
+                                                                 the subtraction to its float32 accumulator
+                                                                 (binary post-op), so r is the small
+                                                                 remainder, rounded to bf16 relative to ITSELF
+    y    = float(y_hi) + float(r) + b                            float32, bias never rounded to bf16
+
+so the result's error is ~2^-17 of y from r's rounding plus the dropped term: measured 3-8e-6 relative to
+the output's max at 512 channels (the float32 direct conv: 1-2e-6; Winograd F(6x6): 1e-5). PyTorch's
+bfloat16 convs and GEMMs cannot write float32 outputs, hence the remainder pass. Cost: 4 bfloat16 passes,
+plus one split and one combine pass over memory (``csrc/bf16x3.c``, or PyTorch ops without the C
+helpers). Worth it only where bfloat16 runs over ~4x float32: AMX, large 3x3 convs; whether it runs for
+a conv is decided in ``upernet_fast.dispatch.bf16x3_choice`` (measured on the machine, or a default rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import native
+from ._common import CONV_POINTWISE, register_ops
+from ._memory import empty_output
+
+__all__ = ["bf16x3_possible", "bf16x3_weight", "conv_bf16x3", "split_input"]
+
+
+def bf16x3_possible(x: torch.Tensor) -> bool:
+    """Whether ``conv_bf16x3`` can run on ``x``: a channels-last CPU float32 map, oneDNN's fused-post-op
+    conv present and enabled (its bfloat16 convs are only fast with native bf16: the caller checks that)."""
+    return (
+        CONV_POINTWISE is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.permute(0, 2, 3, 1).is_contiguous()
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def bf16x3_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, k, k) float32 -> (Cout, 4 Cin, k, k) bfloat16 ``[W_hi | W_hi, W_lo, W_hi]``, channels-last:
+    the weight of the ``y_hi`` pass, then that of the remainder pass."""
+    w = weight.float()
+    w_hi = w.to(torch.bfloat16)
+    w_lo = (w - w_hi.float()).to(torch.bfloat16)
+    return torch.cat([w_hi, w_hi, w_lo, w_hi], 1).contiguous(memory_format=torch.channels_last)
+
+
+def split_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, [hi, hi, lo]) of a channels-last float32 map, both channels-last bfloat16 (module docstring)."""
+    B, C, H, W = x.shape
+    cl = torch.channels_last
+    hi = empty_output((B, C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
+    x3 = empty_output((B, 3 * C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
+    lib = native.library()
+    if lib is not None:
+        lib.bf16x3_split(x.data_ptr(), hi.data_ptr(), x3.data_ptr(), B * H * W, C, torch.get_num_threads())
+        return hi, x3
+    hi.copy_(x)
+    lo = (x - hi.float()).to(torch.bfloat16)
+    torch.cat([hi, hi, lo], 1, out=x3)
+    return hi, x3
+
+
+def _combine(y_hi: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    B, C, H, W = y_hi.shape
+    y = empty_output((B, C, H, W), dtype=torch.float32, device=y_hi.device, memory_format=torch.channels_last)
+    cl = torch.channels_last
+    lib = native.library()
+    if lib is not None and y_hi.is_contiguous(memory_format=cl) and r.is_contiguous(memory_format=cl):
+        b = None if bias is None else bias.float().contiguous()
+        lib.bf16x3_combine(
+            y_hi.data_ptr(), r.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+            B * H * W, C, int(relu), torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+    torch.add(y_hi.float(), r.float(), out=y)
+    if bias is not None:
+        y.add_(bias.float().view(1, -1, 1, 1))
+    return y.relu_() if relu else y
+
+
+def _check(x: torch.Tensor, split_weight: torch.Tensor, padding: int) -> None:
+    if not bf16x3_possible(x):
+        raise ValueError(
+            f"conv_bf16x3: expected a channels-last CPU float32 (B, C, H, W) map with oneDNN enabled, got "
+            f"{x.dtype} {tuple(x.shape)} on {x.device.type}"
+        )
+    c_out, c4, kh, kw = split_weight.shape
+    if split_weight.dtype != torch.bfloat16 or c4 != 4 * x.shape[1] or kh != kw or padding != kh // 2:
+        raise ValueError(
+            f"conv_bf16x3: split_weight must be bf16x3_weight() of a (Cout, {x.shape[1]}, k, k) weight with "
+            f"padding k // 2, got {split_weight.dtype} {tuple(split_weight.shape)}, padding {padding}"
+        )
+
+
+def conv_bf16x3_torch(
+    x: torch.Tensor, split_weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+) -> torch.Tensor:
+    _check(x, split_weight, padding)
+    c = x.shape[1]
+    hi, x3 = split_input(x)
+    p, one = [padding, padding], [1, 1]
+    w_hi = split_weight[:, :c].contiguous(memory_format=torch.channels_last)
+    w3 = split_weight[:, c:].contiguous(memory_format=torch.channels_last)
+    y_hi = CONV_POINTWISE(hi, w_hi, None, p, one, one, 1, "none", [], "")
+    r = CONV_POINTWISE.binary(x3, y_hi, w3, None, p, one, one, 1, "sub", None, None, [], None)
+    return _combine(y_hi, r, bias, relu)
+
+
+def _fake(x, split_weight, bias, padding, relu):
+    shape = (x.shape[0], split_weight.shape[0], *x.shape[2:])  # padding k // 2: same size
+    return torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+
+
+CONV_BF16X3 = register_ops("conv_bf16x3", {"torch": conv_bf16x3_torch}, _fake)
+
+
+def conv_bf16x3(
+    x: torch.Tensor, split_weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+) -> torch.Tensor:
+    """``relu?(conv2d(x, W, bias, padding))`` for a channels-last CPU float32 ``x``, computed as split
+    bfloat16 from ``split_weight = bf16x3_weight(W)`` (module docstring); channels-last float32 output."""
+    return CONV_BF16X3["torch"](x, split_weight, bias, padding, relu)
