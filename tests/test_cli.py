@@ -197,13 +197,18 @@ def test_embedded_model_is_present():
 
 
 def test_fast_path_options(monkeypatch):
-    """--backend / --exact / --no-tune reach load(): --exact turns Winograd off, --no-tune the measured
-    choices; nothing given leaves the defaults."""
+    """--backend / --exact / --no-tune reach load(): --exact turns Winograd and bf16x3 off, --no-tune the
+    measured choices; nothing given leaves the defaults."""
     parser = cli.build_parser()
     args = parser.parse_args(["segment", "x.png", "--out", "o", "--exact", "--backend", "torch", "--no-tune"])
-    assert cli._fast_path_kwargs(args) == {"backend": "torch", "winograd": False, "tune": False}
+    assert cli._fast_path_kwargs(args) == {
+        "backend": "torch",
+        "winograd": False,
+        "tune": False,
+        "bf16x3": False,
+    }
     args = parser.parse_args(["info"])
-    assert cli._fast_path_kwargs(args) == {"backend": None, "winograd": None, "tune": None}
+    assert cli._fast_path_kwargs(args) == {"backend": None, "winograd": None, "tune": None, "bf16x3": None}
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--backend", "cuda"])
     seen = {}
@@ -217,7 +222,7 @@ def test_fast_path_options(monkeypatch):
 
     monkeypatch.setattr(inference, "load_model", spy)
     assert cli.main(["info", "--exact"]) == 0
-    assert seen == {"backend": None, "winograd": False, "tune": None}
+    assert seen == {"backend": None, "winograd": False, "tune": None, "bf16x3": False}
 
 
 def test_info_plan_lists_layers_and_reasons(capsys):

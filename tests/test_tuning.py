@@ -116,6 +116,8 @@ def test_plan_names_layers_and_reasons(wide_reference):
     assert all(p["impl"] and p["why"] for p in plan)
     exact = upernet_fast.load(wide_reference, winograd=False).plan(96, 128)
     assert not any("Winograd" in p["impl"] for p in exact)
+    strict = upernet_fast.load(wide_reference, winograd=False, bf16x3=False).plan(96, 128)
+    assert not any("Winograd" in p["impl"] or "bf16x3" in p["impl"] for p in strict)
 
 
 def test_plan_is_decided_once_per_input_signature_then_replayed(wide_reference, monkeypatch):

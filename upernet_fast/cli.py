@@ -446,7 +446,8 @@ def format_plan(model, height: int, width: int) -> str:
     lines = [
         f"plan for {height}x{width} on {m['cpu']} ({m['isa']}, {m['threads']} threads, torch {m['torch']}; "
         f"native bf16: {dispatch.native_bf16()}; C helpers: {'built' if native.library() else 'off'})",
-        f"  dtype {model.dtype}, backend {model.backend}, winograd {model.winograd}, tune {model.tune}",
+        f"  dtype {model.dtype}, backend {model.backend}, winograd {model.winograd}, tune {model.tune}, "
+        f"bf16x3 {model.bf16x3}",
     ]
     for entry in model.plan(height, width):
         lines.append(f"  {entry['layer']}  {entry['part']}\n      {entry['impl']}  ({entry['why']})")
@@ -524,7 +525,7 @@ def _add_fast_path_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exact",
         action="store_true",
-        help="no Winograd convolutions (every conv exact to fp32 rounding; slower on CPU)",
+        help="no Winograd and no bf16x3 convolutions (every conv exact to fp32 rounding; slower on CPU)",
     )
     parser.add_argument(
         "--no-tune",
@@ -538,6 +539,7 @@ def _fast_path_kwargs(args: argparse.Namespace) -> dict:
         "backend": args.backend,
         "winograd": False if args.exact else None,
         "tune": False if args.no_tune else None,
+        "bf16x3": False if args.exact else None,
     }
 
 

@@ -42,6 +42,7 @@ def load_model(
     backend: str | None = None,
     winograd: bool | None = None,
     tune: bool | None = None,
+    bf16x3: bool | None = None,
 ) -> nn.Module:
     """A `FastUperNet` from a HF-format directory / hub id (None = the embedded model), in eval mode; a
     module (e.g. a transformers UperNet) is used as it is. `dtype`: as `upernet_fast.load` ("bfloat16",
@@ -51,7 +52,8 @@ def load_model(
     from .model import load
 
     source = str(default_model_path() if source is None else source)
-    return load(source, device=device, dtype=dtype, backend=backend, winograd=winograd, tune=tune)
+    switches = {"backend": backend, "winograd": winograd, "tune": tune, "bf16x3": bf16x3}
+    return load(source, device=device, dtype=dtype, **switches)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -229,11 +231,13 @@ class Segmenter:
         backend: str | None = None,
         winograd: bool | None = None,
         tune: bool | None = None,
+        bf16x3: bool | None = None,
         **kwargs,
     ) -> Segmenter:
         """Load a model (None = the embedded one) and take its preprocessing from `preprocessor_config.json`
         when the directory has one (input size; in slide mode the crop is that size, stride 2/3 of it)."""
-        model = load_model(source, device=device, dtype=dtype, backend=backend, winograd=winograd, tune=tune)
+        switches = {"backend": backend, "winograd": winograd, "tune": tune, "bf16x3": bf16x3}
+        model = load_model(source, device=device, dtype=dtype, **switches)
         local = Path(str(default_model_path() if source is None else source))
         config = preprocess.read_processor_config(local) if local.is_dir() else None
         if config:
