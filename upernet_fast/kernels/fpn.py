@@ -272,11 +272,18 @@ def _usa_channels_last(taps: torch.Tensor, out: torch.Tensor, accumulate: bool) 
     H, W = out.shape[2:]
     op, dev = out.dtype, str(taps.device)
     idx, wt = _width_bags(h, w, W, taps.dtype, dev)
+    bands = _height_bands(h, H, _row_block(h, H, W, C, op.itemsize), taps.dtype, dev)
+    widened = None
+    if taps.dtype != op:  # one reused buffer: a fresh one per block page-faults (it was 3x the conversion)
+        rows = max(hi - lo for _, _, lo, hi, _ in bands)
+        widened = empty_output((rows * w * 9, C), dtype=op, device=taps.device)
     for b_ in range(B):
         z = taps[b_].permute(2, 3, 0, 1)  # (h, w, 9, C): a view of channels-last taps
         o = out[b_].permute(1, 2, 0)  # (H, W, C): contiguous
-        for a, b, lo, hi, band in _height_bands(h, H, _row_block(h, H, W, C, op.itemsize), taps.dtype, dev):
-            table = z[lo:hi].reshape(-1, C).to(op)
+        for a, b, lo, hi, band in bands:
+            table = z[lo:hi].reshape(-1, C)
+            if widened is not None:
+                table = widened[: table.shape[0]].copy_(table)
             R = F.embedding_bag(
                 idx[lo:hi].reshape(-1, 6) - lo * w * 9,
                 table,
