@@ -6,6 +6,7 @@
   GEMMs between the transforms stay on MKL.
 - ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop).
 - ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
+- ``csrc/usa.c``: ``upsample_shift_add`` of bfloat16 channels-last taps (``fpn.py``).
 
 Build: ``cc -O3 -shared -fPIC -fopenmp`` plus the vector ISA of the machine that runs it (``isa()``:
 AVX-512 → ``-mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma -mprefer-vector-width=512``, AVX2 →
@@ -38,7 +39,7 @@ from ._common import env_switch
 
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
-SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("winograd.c", "resize.c", "bf16x3.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("winograd.c", "resize.c", "bf16x3.c", "usa.c"))
 
 _L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, tuple] = {
@@ -56,6 +57,9 @@ _SIGNATURES["resize_bilinear_planes"] = (_P, _L, _L, _L, _L, _L, _L, _I, _I, _P,
 # x, hi, x3, pixels, C, threads / y_hi, r, bias, y, pixels, C, relu, threads
 _SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I)
 _SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
+# out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
+# workspace, threads
+_SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
 _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 
