@@ -165,6 +165,26 @@ def test_topdown_add_torch(lo_size) -> None:
     assert torch.equal(topdown_add(cl(hi), cl(lo)), plain)
 
 
+@pytest.mark.skipif(native.library() is None, reason="C helpers unavailable")
+@pytest.mark.parametrize("lo_size", [(7, 9), (13, 17), (4, 3), (20, 30)])
+def test_topdown_add_bf16_c_kernel(lo_size) -> None:
+    """bf16 channels-last maps take the C top-down add: one rounding, so at least as close to the float64
+    result as PyTorch's resize-then-add in bf16 (two roundings), and within bf16 rounding of it."""
+    hi, lo = (
+        cl(rand(2, 19, 13, 17, dtype=torch.bfloat16)),
+        cl(rand(2, 19, *lo_size, seed=1, dtype=torch.bfloat16)),
+    )
+    assert fpn._topdown_native_possible(hi, lo)
+    ref = hi.double() + F.interpolate(lo.double(), size=(13, 17), mode="bilinear", align_corners=False)
+    plain = hi + F.interpolate(lo, size=(13, 17), mode="bilinear", align_corners=False)
+    y = topdown_add(hi, lo)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    err, plain_err = (y.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= plain_err and err <= 2**-8 * ref.abs().max().item(), (err, plain_err)
+    # one rounding: every element is the float64 result rounded to bf16, up to a last-bit tie
+    assert ((y.double() - ref.to(torch.bfloat16).double()).abs() <= 2**-7 * ref.abs()).all()
+
+
 def test_conv3x3_taps_weight_order() -> None:
     w = rand(4, 3, 3, 3)
     t = conv3x3_taps_weight(w)

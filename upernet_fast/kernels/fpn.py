@@ -145,8 +145,37 @@ def topdown_add_triton(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _topdown_native_possible(hi: torch.Tensor, lo: torch.Tensor) -> bool:
+    """Where the C top-down add runs: bfloat16 channels-last CPU maps (PyTorch's resize and add each take a
+    pass and a rounding there), C helpers built. Float32 keeps ATen's bitwise result."""
+    return (
+        hi.device.type == "cpu"
+        and hi.dtype == lo.dtype == torch.bfloat16
+        and out_memory_format(hi) == torch.channels_last
+        and hi.stride(1) == 1
+        and lo.stride(1) == 1
+        and native.library() is not None
+    )
+
+
+def _topdown_add_native(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = hi.shape
+    h, w = lo.shape[2:]
+    y = empty_output(hi.shape, dtype=hi.dtype, device=hi.device, memory_format=torch.channels_last)
+    tables = (*bilinear_indices(h, H, torch.float32, "cpu"), *bilinear_indices(w, W, torch.float32, "cpu"))
+    i0, i1, l0h, l1h, j0, j1, l0w, l1w = tables
+    native.library().topdown_add_nhwc_bf16(
+        hi.data_ptr(), hi.stride(0), hi.stride(2), hi.stride(3), lo.data_ptr(), lo.stride(0), lo.stride(2),
+        lo.stride(3), y.data_ptr(), y.stride(0), y.stride(2), y.stride(3), B, C, H, W,
+        *(t.data_ptr() for t in (i0, i1, l0h, l1h, j0, j1, l0w, l1w)), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
 def topdown_add_torch(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     _check_topdown(hi, lo)
+    if _topdown_native_possible(hi, lo):
+        return _topdown_add_native(hi, lo)
     fmt = out_memory_format(hi)
     up = empty_output(hi.shape, dtype=hi.dtype, device=hi.device, memory_format=fmt)
     # F.interpolate's kernel into a huge-page buffer, then add_ there: no third full-size buffer.

@@ -4,7 +4,8 @@
   transforming them and scattering the output tiles with bias and ReLU are one pass over memory each in C,
   against five PyTorch passes (pad copy, tile copy, transform GEMM, transform GEMM, strided scatter). The
   GEMMs between the transforms stay on MKL.
-- ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop).
+- ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop),
+  and the bfloat16 top-down add (resize + add in one pass, one rounding).
 - ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
 - ``csrc/usa.c``: ``upsample_shift_add`` of bfloat16 channels-last taps (``fpn.py``).
 
@@ -40,6 +41,7 @@ from ._common import env_switch
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
 SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("winograd.c", "resize.c", "bf16x3.c", "usa.c"))
+HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the build key, not of the command line
 
 _L, _I, _P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, tuple] = {
@@ -60,6 +62,27 @@ _SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
 # out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
 # workspace, threads
 _SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
+# hi, hb, hh, hw, lo, lb, lh, lw, y, yb, yh, yw, B, C, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads
+_SIGNATURES["topdown_add_nhwc_bf16"] = (
+    _P,
+    _L,
+    _L,
+    _L,
+    _P,
+    _L,
+    _L,
+    _L,
+    _P,
+    _L,
+    _L,
+    _L,
+    _L,
+    _I,
+    _I,
+    _I,
+    *[_P] * 8,
+    _I,
+)
 _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 
@@ -140,7 +163,7 @@ def cache_dir() -> Path:
 
 
 def _build(cc: str, flags: list[str]) -> Path:
-    src = b"".join(path.read_bytes() for path in SOURCES)
+    src = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     machine = f"{cpu_model()}|{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}"
     key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + machine.encode()).hexdigest()[:16]
     target = cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"

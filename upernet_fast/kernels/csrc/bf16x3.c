@@ -8,23 +8,7 @@
  *
  * Both are OpenMP-parallel over pixel blocks with `threads` threads; the inner loops vectorise (-O3).
  */
-#include <stdint.h>
-#include <string.h>
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN stays NaN (the rounding add could make it inf) */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "bf16.h"
 
 void bf16x3_split(const float *x, uint16_t *hi, uint16_t *x3, long pixels, int C, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)

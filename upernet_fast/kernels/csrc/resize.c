@@ -9,6 +9,8 @@
  */
 #include <stdlib.h>
 
+#include "bf16.h"
+
 int resize_bilinear_planes(const float *x, long B, long C, long sb, long sc, long sh, long sw, int h, int w,
                            float *y, int H, int W, const long *i0, const long *i1, const float *l0h,
                            const float *l1h, const long *j0, const long *j1, const float *l0w,
@@ -41,4 +43,33 @@ int resize_bilinear_planes(const float *x, long B, long C, long sb, long sc, lon
         free(rows);
     }
     return failed;
+}
+
+/* topdown_add for bfloat16 channels-last maps: y = hi + resize_bilinear(lo) (UPerNet's top-down path),
+ * computed in float32 and rounded to bfloat16 once (PyTorch's resize-then-add rounds twice). Shapes: hi, y
+ * (B, H, W, C) and lo (B, h, w, C), each with its own (b, y, x) strides and unit channel stride; indices and
+ * weights as in resize_bilinear_planes. OpenMP over output rows. */
+void topdown_add_nhwc_bf16(const uint16_t *hi, long hb, long hh, long hw, const uint16_t *lo, long lb, long lh,
+                           long lw, uint16_t *y, long yb, long yh, long yw, long B, int C, int H, int W,
+                           const long *i0, const long *i1, const float *l0h, const float *l1h, const long *j0,
+                           const long *j1, const float *l0w, const float *l1w, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < B * H; row++) {
+        long b = row / H;
+        int Y = (int)(row % H);
+        const uint16_t *r0 = lo + b * lb + i0[Y] * lh, *r1 = lo + b * lb + i1[Y] * lh;
+        float a0 = l0h[Y], a1 = l1h[Y];
+        for (int X = 0; X < W; X++) {
+            const uint16_t *p00 = r0 + j0[X] * lw, *p01 = r0 + j1[X] * lw;
+            const uint16_t *p10 = r1 + j0[X] * lw, *p11 = r1 + j1[X] * lw;
+            const uint16_t *h = hi + b * hb + (long)Y * hh + (long)X * hw;
+            uint16_t *o = y + b * yb + (long)Y * yh + (long)X * yw;
+            float w0 = l0w[X], w1 = l1w[X];
+            for (int c = 0; c < C; c++) {
+                float up = a0 * (w0 * from_bf16(p00[c]) + w1 * from_bf16(p01[c])) +
+                           a1 * (w0 * from_bf16(p10[c]) + w1 * from_bf16(p11[c]));
+                o[c] = to_bf16(from_bf16(h[c]) + up);
+            }
+        }
+    }
 }

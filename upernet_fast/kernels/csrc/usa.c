@@ -11,8 +11,7 @@
  * its (up to 6) rows' vectors in one pass. The taps are float32 or bfloat16 (widened exactly), with unit
  * channel stride. OpenMP over output rows (contiguous chunks per thread).
  */
-#include <stdint.h>
-#include <string.h>
+#include "bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -22,12 +21,7 @@ static inline void axpy_f32(float *restrict o, const float *restrict s, float a,
 }
 
 static inline void axpy_bf16(float *restrict o, const uint16_t *restrict s, float a, int C) {
-    for (int c = 0; c < C; c++) {
-        uint32_t u = (uint32_t)s[c] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        o[c] += a * f;
-    }
+    for (int c = 0; c < C; c++) o[c] += a * from_bf16(s[c]);
 }
 
 typedef struct {
