@@ -24,13 +24,6 @@ from .folding import cached, fold_batchnorm
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
 
-def _channels_last(folded: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A k x k (k > 1) folded weight in channels-last layout: oneDNN reorders an NCHW weight for a
-    channels-last input on every call (0.7 ms per 512x512 3x3 bf16 weight; four per forward)."""
-    w, b = folded
-    return (w.contiguous(memory_format=torch.channels_last) if w.shape[-1] > 1 else w), b
-
-
 def _default_ops(x: torch.Tensor, ops: dispatch.Ops | None) -> dispatch.Ops:
     return dispatch.ops_for(None, x.device) if ops is None else ops
 
@@ -58,11 +51,9 @@ class UperNetConvModule(nn.Module):
         """The BN-folded (weight, bias) in `dtype` (default: the parameters'), folded in float64."""
         dtype = dtype or self.conv.weight.dtype
         name = "bn" if dtype == self.conv.weight.dtype else f"bn_{dtype}"
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            return _channels_last(fold_batchnorm(self.conv.weight, None, self.batch_norm, dtype))
-
-        return cached(self, name, self.sources, build)
+        return cached(
+            self, name, self.sources, lambda: fold_batchnorm(self.conv.weight, None, self.batch_norm, dtype)
+        )
 
     def forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
         w, b = self.folded(x.dtype)  # computes in its input's dtype (the PPM of a bf16 model: float32)
@@ -118,7 +109,7 @@ class UperNetHead(nn.Module):
             w, b = module.folded(dtype)
             bounds = [first + i * self.channels for i in range(n_low + 1)]
             taps = [dispatch.taps_weight(w[:, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-            return w[:, :first].contiguous(memory_format=torch.channels_last), b, taps
+            return w[:, :first].contiguous(), b, taps
 
         suffix = "" if dtype in (None, module.conv.weight.dtype) else f"_{dtype}"
         return cached(module, f"split{first}_{n_low}{suffix}", module.sources, build)
