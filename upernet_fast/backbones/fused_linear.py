@@ -19,6 +19,7 @@ from torch import nn
 
 from ..folding import cached
 from ..kernels._common import native_bf16
+from ..kernels._common import onednn_blocker as onednn_unusable
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
@@ -30,16 +31,14 @@ FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "r
 
 
 def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
-    """Why oneDNN's fused ops cannot run on `x` here, or None when they can (`use_onednn`): eager CPU
-    float32 (and bfloat16 if `bf16`, on a CPU with native bf16) with oneDNN. Under torch.compile the plain
-    ops are traced instead: Inductor fuses those itself, and dynamo refuses to trace
-    `torch.backends.mkldnn.is_available`. Constant strings: this runs on every Linear call."""
+    """Why oneDNN's fused ops cannot run on `x` here, or None when they can (`use_onednn`): where
+    `kernels._common.onednn_blocker` allows oneDNN, float32 (and bfloat16 if `bf16`, on a CPU with native
+    bf16). Constant strings: this runs on every Linear call."""
     if _LINEAR_POINTWISE is None:
         return "this PyTorch build has no oneDNN pointwise ops"
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the plain ops"
-    if x.device.type != "cpu":
-        return "not on CPU"
+    blocker = onednn_unusable(x)
+    if blocker is not None:
+        return blocker
     if x.dtype != torch.float32:
         if x.dtype != torch.bfloat16:
             return "the oneDNN path is for float32 and bfloat16"
@@ -47,10 +46,6 @@ def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
             return "bfloat16 Linears stay on MKL, see bench/results/decisions.md, ConvNeXt MLP"
         if not native_bf16():
             return "bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): oneDNN would emulate it"
-    if not torch.backends.mkldnn.enabled:
-        return "oneDNN switched off (torch.backends.mkldnn.enabled)"
-    if not torch.backends.mkldnn.is_available():
-        return "oneDNN is not available"
     return None
 
 

@@ -192,3 +192,19 @@ def native_bf16() -> bool:
 # oneDNN's convolution with fused post-ops (None in builds without it), shared by the ops' 1x1/3x3 convs
 # and the ConvNeXt MLP.
 CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def onednn_blocker(x: torch.Tensor) -> str | None:
+    """Why oneDNN's fused-post-op convolutions and Linears cannot run on ``x`` here, or None when they can:
+    eager, CPU, oneDNN enabled and available. (Under torch.compile the plain ops are traced instead:
+    Inductor fuses those itself, and dynamo refuses to trace ``torch.backends.mkldnn.is_available``.)
+    The one place for these conditions; callers add their own dtype and layout rules."""
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the plain ops"
+    if x.device.type != "cpu":
+        return "not on CPU"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN switched off (torch.backends.mkldnn.enabled)"
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN is not available"
+    return None

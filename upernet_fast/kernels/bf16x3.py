@@ -27,23 +27,22 @@ from __future__ import annotations
 import torch
 
 from . import native
-from ._common import CONV_POINTWISE, register_ops
+from ._common import CONV_POINTWISE, onednn_blocker, register_ops
 from ._memory import empty_output
 
 __all__ = ["bf16x3_possible", "bf16x3_weight", "conv_bf16x3", "split_input"]
 
 
 def bf16x3_possible(x: torch.Tensor) -> bool:
-    """Whether ``conv_bf16x3`` can run on ``x``: a channels-last CPU float32 map, oneDNN's fused-post-op
-    conv present and enabled (its bfloat16 convs are only fast with native bf16: the caller checks that)."""
+    """Whether ``conv_bf16x3`` can run on ``x``: a channels-last float32 map where oneDNN's fused-post-op
+    conv runs (``_common.onednn_blocker``; its bfloat16 convs are only fast with native bf16: the caller
+    checks that)."""
     return (
         CONV_POINTWISE is not None
-        and x.device.type == "cpu"
+        and onednn_blocker(x) is None
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.permute(0, 2, 3, 1).is_contiguous()
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
     )
 
 

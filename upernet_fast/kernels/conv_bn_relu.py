@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import CONV_POINTWISE as _CONV_POINTWISE
-from ._common import check_triton_tensors, out_memory_format, register_ops, tl, triton
+from ._common import check_triton_tensors, onednn_blocker, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .winograd import conv3x3_winograd
 
@@ -162,12 +162,9 @@ def _relu_post_op_possible(x: torch.Tensor) -> bool:
     channels-last (its output is channels-last, as ``F.conv2d``'s is for that input), oneDNN on."""
     return (
         _CONV_POINTWISE is not None
-        and not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
+        and onednn_blocker(x) is None
         and x.dtype in (torch.float32, torch.bfloat16)
         and out_memory_format(x) == torch.channels_last
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
     )
 
 
