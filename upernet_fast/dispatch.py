@@ -431,9 +431,10 @@ class Ops:
         tile, why = self.choice(owner, name, x, weight, padding)
         if not tile:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
+            why = f"{why}; {why_split}"
             if split:
                 w3 = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
-                self._note(owner, name, x, weight, f"{why}; {why_split}", "bf16x3 (split bfloat16 on AMX)")
+                self._note(owner, name, x, weight, why, "bf16x3 (split bfloat16 on AMX)")
                 return conv_bf16x3(x, w3, bias, padding, relu)
         wino = None
         if tile:

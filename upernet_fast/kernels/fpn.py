@@ -307,7 +307,7 @@ def _usa_channels_last(taps: torch.Tensor, out: torch.Tensor, accumulate: bool) 
     idx, wt = _width_bags(h, w, W, taps.dtype, dev)
     bands = _height_bands(h, H, _row_block(h, H, W, C, op.itemsize), taps.dtype, dev)
     widened = None
-    if taps.dtype != op:  # one reused buffer: a fresh one per block page-faults (it was 3x the conversion)
+    if taps.dtype != op:  # widened into one reused buffer: a fresh tensor per block page-faults each time
         rows = max(hi - lo for _, _, lo, hi, _ in bands)
         widened = empty_output((rows * w * 9, C), dtype=op, device=taps.device)
     for b_ in range(B):

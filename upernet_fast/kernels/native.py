@@ -63,26 +63,7 @@ _SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
 # workspace, threads
 _SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
 # hi, hb, hh, hw, lo, lb, lh, lw, y, yb, yh, yw, B, C, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads
-_SIGNATURES["topdown_add_nhwc_bf16"] = (
-    _P,
-    _L,
-    _L,
-    _L,
-    _P,
-    _L,
-    _L,
-    _L,
-    _P,
-    _L,
-    _L,
-    _L,
-    _L,
-    _I,
-    _I,
-    _I,
-    *[_P] * 8,
-    _I,
-)
+_SIGNATURES["topdown_add_nhwc_bf16"] = (*[_P, _L, _L, _L] * 3, _L, _I, _I, _I, *[_P] * 8, _I)
 _RETURNS = {"resize_bilinear_planes": ctypes.c_int}
 
 
