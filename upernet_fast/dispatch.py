@@ -433,9 +433,9 @@ class Ops:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
             why = f"{why}; {why_split}"
             if split:
-                w3 = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
+                pair = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
                 self._note(owner, name, x, weight, why, "bf16x3 (split bfloat16 on AMX)")
-                return conv_bf16x3(x, w3, bias, padding, relu)
+                return conv_bf16x3(x, pair, bias, padding, relu)
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))

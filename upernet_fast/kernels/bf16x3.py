@@ -46,13 +46,15 @@ def bf16x3_possible(x: torch.Tensor) -> bool:
     )
 
 
-def bf16x3_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, k, k) float32 -> (Cout, 4 Cin, k, k) bfloat16 ``[W_hi | W_hi, W_lo, W_hi]``, channels-last:
-    the weight of the ``y_hi`` pass, then that of the remainder pass."""
+def bf16x3_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Cout, Cin, k, k) float32 -> the bfloat16 channels-last weights of the ``y_hi`` pass, ``W_hi``
+    (Cout, Cin, k, k), and of the remainder pass, ``[W_hi, W_lo, W_hi]`` (Cout, 3 Cin, k, k); each
+    dense, so no call slices or copies them."""
     w = weight.float()
     w_hi = w.to(torch.bfloat16)
     w_lo = (w - w_hi.float()).to(torch.bfloat16)
-    return torch.cat([w_hi, w_hi, w_lo, w_hi], 1).contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    return w_hi.contiguous(memory_format=cl), torch.cat([w_hi, w_lo, w_hi], 1).contiguous(memory_format=cl)
 
 
 def split_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,36 +91,41 @@ def _combine(y_hi: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, rel
     return y.relu_() if relu else y
 
 
-def _check(x: torch.Tensor, split_weight: torch.Tensor, padding: int) -> None:
+def _check(x: torch.Tensor, w_hi: torch.Tensor, w3: torch.Tensor, padding: int) -> None:
     if not bf16x3_possible(x):
         raise ValueError(
             f"conv_bf16x3: expected a channels-last CPU float32 (B, C, H, W) map with oneDNN enabled, got "
             f"{x.dtype} {tuple(x.shape)} on {x.device.type}"
         )
-    c_out, c4, kh, kw = split_weight.shape
-    if split_weight.dtype != torch.bfloat16 or c4 != 4 * x.shape[1] or kh != kw or padding != kh // 2:
+    c = x.shape[1]
+    if (
+        w_hi.dim() != 4
+        or w_hi.dtype != torch.bfloat16
+        or w3.dtype != torch.bfloat16
+        or w_hi.shape[1] != c
+        or tuple(w3.shape) != (w_hi.shape[0], 3 * c, *w_hi.shape[2:])
+        or w_hi.shape[2] != w_hi.shape[3]
+        or padding != w_hi.shape[2] // 2
+    ):
         raise ValueError(
-            f"conv_bf16x3: split_weight must be bf16x3_weight() of a (Cout, {x.shape[1]}, k, k) weight with "
-            f"padding k // 2, got {split_weight.dtype} {tuple(split_weight.shape)}, padding {padding}"
+            f"conv_bf16x3: split_weight must be bf16x3_weight() of a (Cout, {c}, k, k) weight with padding "
+            f"k // 2, got {w_hi.dtype} {tuple(w_hi.shape)} and {w3.dtype} {tuple(w3.shape)}, padding {padding}"
         )
 
 
 def conv_bf16x3_torch(
-    x: torch.Tensor, split_weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+    x: torch.Tensor, w_hi: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
 ) -> torch.Tensor:
-    _check(x, split_weight, padding)
-    c = x.shape[1]
+    _check(x, w_hi, w3, padding)
     hi, x3 = split_input(x)
     p, one = [padding, padding], [1, 1]
-    w_hi = split_weight[:, :c].contiguous(memory_format=torch.channels_last)
-    w3 = split_weight[:, c:].contiguous(memory_format=torch.channels_last)
     y_hi = CONV_POINTWISE(hi, w_hi, None, p, one, one, 1, "none", [], "")
     r = CONV_POINTWISE.binary(x3, y_hi, w3, None, p, one, one, 1, "sub", None, None, [], None)
     return _combine(y_hi, r, bias, relu)
 
 
-def _fake(x, split_weight, bias, padding, relu):
-    shape = (x.shape[0], split_weight.shape[0], *x.shape[2:])  # padding k // 2: same size
+def _fake(x, w_hi, w3, bias, padding, relu):
+    shape = (x.shape[0], w_hi.shape[0], *x.shape[2:])  # padding k // 2: same size
     return torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
 
 
@@ -126,8 +133,17 @@ CONV_BF16X3 = register_ops("conv_bf16x3", {"torch": conv_bf16x3_torch}, _fake)
 
 
 def conv_bf16x3(
-    x: torch.Tensor, split_weight: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+    x: torch.Tensor,
+    split_weight: tuple[torch.Tensor, torch.Tensor],
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
 ) -> torch.Tensor:
     """``relu?(conv2d(x, W, bias, padding))`` for a channels-last CPU float32 ``x``, computed as split
     bfloat16 from ``split_weight = bf16x3_weight(W)`` (module docstring); channels-last float32 output."""
-    return CONV_BF16X3["torch"](x, split_weight, bias, padding, relu)
+    if not (isinstance(split_weight, tuple | list) and len(split_weight) == 2):
+        raise ValueError(
+            "conv_bf16x3: split_weight must be bf16x3_weight() of a (Cout, Cin, k, k) weight: the pair "
+            f"(W_hi, [W_hi, W_lo, W_hi]), got {type(split_weight).__name__}"
+        )
+    return CONV_BF16X3["torch"](x, *split_weight, bias, padding, relu)
