@@ -98,15 +98,20 @@ def _time_candidates(fns: dict[int, object]) -> dict[int, float]:
     return times
 
 
+def _conv3x3_inputs(c_in: int, c_out: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random (channels-last x, weight, bias) of a batch-1 3x3 conv to time."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    return x, weight, torch.randn(c_out, generator=g)
+
+
 def measure_conv3x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
     """ms of one conv3x3 + bias + ReLU (batch 1, channels-last float32, h x w) per candidate tile."""
     from .kernels.conv_bn_relu import conv_bn_relu_torch
     from .kernels.winograd import winograd_weight
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
-    bias = torch.randn(c_out, generator=g)
+    x, weight, bias = _conv3x3_inputs(c_in, c_out, h, w)
     # Winograd first: the direct conv is the slowest where it matters, and is then cut short.
     with torch.no_grad():
         fns = {}
@@ -172,10 +177,7 @@ def measure_bf16x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
     from .kernels.bf16x3 import bf16x3_weight, conv_bf16x3
     from .kernels.conv_bn_relu import conv_bn_relu_torch
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
-    bias = torch.randn(c_out, generator=g)
+    x, weight, bias = _conv3x3_inputs(c_in, c_out, h, w)
     split = bf16x3_weight(weight)
     with torch.no_grad():
         conv_bf16x3(x, split, bias, 1, True)  # its two oneDNN primitives and buffers: the first call is ~1.5x
