@@ -84,7 +84,7 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
 
 /* wino_f{M}3_input: gather + Bᵀ d B of tiles [0, n) into V.
  * wino_f{M}3_output: Aᵀ m A of tiles [0, n) of M, + bias, ReLU, scattered into y (clipped at the edges). */
-#define WINOGRAD(M, BT, AT, BUFFERED)                                                                                 \
+#define WINOGRAD(M, BT, AT, BUFFERED)                                                                       \
     void wino_f##M##3_input(const float *x, long sb, long sh, long sw, int H, int W, int C, int row0,       \
                             int rows, int tw, long n, int threads, float *V, long ldv) {                    \
         enum { A = M + 2 };                                                                                 \
@@ -97,6 +97,8 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
                 float d[A * A * CB], tmp[A * A * CB];                                                      \
                 int j = (int)(t % tw), i = (int)((t / tw) % rows), b = (int)(t / ((long)tw * rows));        \
                 int y0 = M * (row0 + i) - 1, x0 = M * j - 1;                                                \
+                float *dst0 = tile != NULL ? tile : V + t * ldv; /* point p of tile t at dst0 + p * ps */   \
+                long ps = tile != NULL ? C : n * ldv;                                                       \
                 for (int c0 = 0; c0 < C; c0 += CB) {                                                        \
                     int cb = min_int(CB, C - c0);                                                           \
                     for (int u = 0; u < A; u++) {                                                           \
@@ -110,13 +112,10 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
                                 memcpy(dst, x + b * sb + yy * sh + xx * sw + c0, sizeof(float) * cb);       \
                         }                                                                                   \
                     }                                                                                       \
+                    /* along the rows u of each column v: tmp[k][v] */                                      \
                     for (int v = 0; v < A; v++) BT(d + v * CB, A * CB, tmp + v * CB, A * CB, cb);           \
-                    if (tile == NULL) { /* no buffer: straight into V, CB floats at a time */               \
-                        for (int k = 0; k < A; k++)                                                         \
-                            BT(tmp + k * A * CB, CB, V + ((long)(k * A) * n + t) * ldv + c0, n * ldv, cb);  \
-                        continue;                                                                           \
-                    }                                                                                       \
-                    for (int k = 0; k < A; k++) BT(tmp + k * A * CB, CB, tile + (k * A) * C + c0, C, cb);   \
+                    /* along the columns of each row k: point (k, l) at dst0 + (k * A + l) * ps */          \
+                    for (int k = 0; k < A; k++) BT(tmp + k * A * CB, CB, dst0 + (k * A) * ps + c0, ps, cb); \
                 }                                                                                           \
                 if (tile != NULL)                                                                           \
                     for (int p = 0; p < A * A; p++)                                                         \
@@ -148,6 +147,7 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
                 }                                                                                           \
                 for (int c0 = 0; c0 < Co; c0 += CB) {                                                       \
                     int cb = min_int(CB, Co - c0);                                                          \
+                    /* for each point row a: the A points (a, b) -> M values tmp[q][a] */                   \
                     for (int a = 0; a < A; a++)                                                             \
                         AT(src0 + (long)(a * A) * ps + c0, ps, tmp + a * CB, A * CB, cb);                   \
                     for (int q = 0; q < M; q++) AT(tmp + q * A * CB, CB, o + q * CB, M * CB, cb);           \
