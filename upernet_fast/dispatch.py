@@ -19,8 +19,10 @@ is the one place that decides when and which: measured on this machine (``uperne
 
 bf16x3 (CPU float32 with AMX, beyond exact): a direct 3x3 conv (not Winograd) can run as split bfloat16 on
 AMX with a float32 result (``kernels/bf16x3.py``, error ~7e-6 relative). ``bf16x3_choice`` decides: only
-with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``).
-``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 convs in float32.
+with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``). The ConvNeXt block
+MLPs likewise (``kernels/mlp_bf16x3.py``, one MKL bf16 GEMM with a float32 result per Linear;
+``mlp_bf16x3_choice``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
+float32.
 
 Typical use in the model layer::
 
@@ -45,11 +47,13 @@ from .kernels._common import env_switch, interpreting, native_bf16, out_memory_f
 from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
+from .kernels.mlp_bf16x3 import mlp_bf16x3_blocker
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 __all__ = [
     "BACKENDS",
     "bf16x3_choice",
+    "mlp_bf16x3_choice",
     "bf16x3_default",
     "check_backend",
     "ENV_VAR",
@@ -93,6 +97,9 @@ WINOGRAD_MERGE_MARGIN = 1.15
 # (min channels, min map side) from which a direct 3x3 float32 conv runs as bf16x3 on an AMX CPU when tuning is
 # off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
 BF16X3_WINS = (256, 32)
+# ConvNeXt block MLPs with at least this many channels run as bf16x3 on an AMX CPU when tuning is off (Xeon
+# with AMX-BF16, ConvNeXt-T blocks: 1.06-1.2x at 96 channels, 1.2-1.3x at 192, 1.5-1.8x at 384, 1.4-1.6x at 768).
+MLP_BF16X3_MIN_CHANNELS = 192
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {
     "conv_bn_relu": kernels.conv_bn_relu,
@@ -166,14 +173,23 @@ class Plan:
     replay them instead of deciding again, and ``FastUperNet.plan`` prints them. Each decision keeps why it
     was made (default rule, measured on this CPU, or forced by a switch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bf16x3: bool = False, tune: bool = False) -> None:
         self.frozen = False
+        self.bf16x3, self.tune = bf16x3, tune  # the model's switches, for the backbones' own choices
         self.choices: dict[tuple[int, str], tuple[int, str]] = {}
         self.notes: list[tuple[object, str, str, str]] = []  # (owner module, part, implementation, why)
 
     def note(self, owner: object, part: str, impl: str, why: str) -> None:
         if not self.frozen:
             self.notes.append((owner, part, impl, why))
+
+    def decide(self, owner: object, name: str, decide: Callable[[], tuple]) -> tuple:
+        """``decide()``, made once per plan for (owner, name) and replayed afterwards."""
+        key = (id(owner), name)
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self.choices[key] = decide()
+        return choice
 
 
 def winograd_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, str]:
@@ -244,6 +260,34 @@ def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
     rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
     if ops.tune:
         use, why = tuning.bf16x3(c_in, c_out, h, w, default)
+        if use is not None:
+            return use, why
+        return default, f"default rule ({why}): {rule}"
+    return default, f"default rule: {rule}"
+
+
+def mlp_bf16x3_choice(plan: Plan | None, x: torch.Tensor, hidden: int, act: str) -> tuple[bool, str]:
+    """(run as bf16x3?, why) for a ConvNeXt block MLP (C -> ``hidden`` -> C, ``act``) on channels-last ``x``
+    (B, C, H, W) in eager inference: only with the model's bf16x3 switch on, erf GELU, AMX-BF16 and the
+    C helpers with MKL's bf16 GEMM; then measured on this machine (``tuning.mlp_bf16x3``) unless tuning is
+    off, else the default rule ``MLP_BF16X3_MIN_CHANNELS``."""
+    if plan is None:
+        return False, "float32 while compiling"
+    if not plan.bf16x3:
+        return False, "bf16x3 switched off (bf16x3=False / UPERNET_FAST_BF16X3=0)"
+    if act != "gelu":
+        return False, f"the bf16x3 MLP computes the erf GELU only, not {act}"
+    blocker = mlp_bf16x3_blocker(x)
+    if blocker is not None:
+        return False, blocker
+    if not amx_bf16():
+        return False, "no AMX-BF16 on this CPU (bf16x3 would be slower than float32)"
+    c, h, w = x.shape[1:]
+    default = c >= MLP_BF16X3_MIN_CHANNELS
+    rule = f"bf16x3 from {MLP_BF16X3_MIN_CHANNELS} channels" if default else "float32 below it"
+    rule = f"{rule} (MLP_BF16X3_MIN_CHANNELS)"
+    if plan.tune:
+        use, why = tuning.mlp_bf16x3(c, hidden, h, w, default)
         if use is not None:
             return use, why
         return default, f"default rule ({why}): {rule}"

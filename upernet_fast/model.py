@@ -141,7 +141,7 @@ class FastUperNet(nn.Module):
         if torch.compiler.is_compiling():
             return None
         key = self._plan_key(pixel_values)
-        plan = self._plans.pop(key, None) or dispatch.Plan()
+        plan = self._plans.pop(key, None) or dispatch.Plan(bf16x3=self.bf16x3, tune=self.tune)
         self._plans[key] = plan  # most recently used last
         while len(self._plans) > MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))

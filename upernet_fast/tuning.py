@@ -4,8 +4,8 @@ Which convolution algorithm is fastest for a layer depends on the CPU: on an AVX
 beat F(4x4) for 512-channel 3x3 convs from 64x64 maps on; on an AVX-512 Xeon F(4x4) won at 128x128 and
 F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So the first time a conv
 shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6); 1x1 on channels-last
-input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 float32 conv as float32 or as
-bf16x3) is timed once on random
+input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 float32 conv and a ConvNeXt
+block MLP as float32 or as bf16x3) is timed once on random
 data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
 reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
@@ -200,6 +200,46 @@ def bf16x3(c_in: int, c_out: int, h: int, w: int, default: bool = False) -> tupl
     return bool(entry["choice"]), f"measured on this CPU: {describe(entry, BF16X3_NAMES)}"
 
 
+def measure_mlp_bf16x3(c: int, hidden: int, h: int, w: int) -> dict[int, float]:
+    """ms of one ConvNeXt block MLP (LayerNorm, C -> hidden -> C, GELU, residual; batch 1, channels-last
+    float32, h x w) as oneDNN float32 1x1 convs (0) and as bf16x3 (1)."""
+    from .backbones.fused_linear import normalize
+    from .kernels._common import CONV_POINTWISE
+    from .kernels.mlp_bf16x3 import mlp_bf16x3_, pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    w1, w2 = torch.randn(hidden, c, generator=g) / c**0.5, torch.randn(c, hidden, generator=g) / hidden**0.5
+    b1, b2 = torch.randn(hidden, generator=g), torch.randn(c, generator=g)
+    p1, p2, y = pack_weight(w1), pack_weight(w2), torch.empty_like(x)
+    one, zero = [1, 1], [0, 0]
+
+    def onednn() -> torch.Tensor:
+        t = normalize(x.permute(0, 2, 3, 1), 1e-6).permute(0, 3, 1, 2)
+        t = CONV_POINTWISE(t, w1[:, :, None, None], b1, zero, one, one, 1, "gelu", [], "none")
+        return CONV_POINTWISE.binary(
+            t, x, w2[:, :, None, None], b2, zero, one, one, 1, "add", None, None, [], None
+        )
+
+    def bf16x3() -> torch.Tensor:
+        y.copy_(x)  # stands in for the dwconv output it overwrites (a copy: ~2% of the MLP's time)
+        return mlp_bf16x3_(y, x, p1, b1, p2, b2, 1e-6)
+
+    with torch.no_grad():
+        return _time_candidates({1: bf16x3, 0: onednn})
+
+
+def mlp_bf16x3(c: int, hidden: int, h: int, w: int, default: bool = False) -> tuple[bool | None, str]:
+    """(as bf16x3?, why) for a ConvNeXt block MLP of this shape on this machine, measured once (None: too
+    small to time, the caller's default rule applies)."""
+    ch, cw = min(h, CAP), min(w, CAP)
+    if 2 * c * hidden * ch * cw < MIN_MACS:
+        return None, "too small to time reliably"
+    name = f"convnext-mlp-bf16x3:{c}->{hidden}@{ch}x{cw}"
+    entry = _measured(name, lambda: measure_mlp_bf16x3(c, hidden, ch, cw), int(default))
+    return bool(entry["choice"]), f"measured on this CPU: {describe(entry, BF16X3_NAMES)}"
+
+
 def _measured(name: str, measure, default: int) -> dict:
     """The cached entry ``{"choice", "ms"}`` for ``name``, measuring (and saving) it on a miss."""
     path = cache_path()
@@ -234,7 +274,12 @@ GEMM_NAMES = {0: "oneDNN", 1: "GEMM"}
 BF16X3_NAMES = {0: "float32", 1: "bf16x3"}
 
 
-NAMES = {"conv3x3": TILE_NAMES, "conv1x1": GEMM_NAMES, "conv3x3-bf16x3": BF16X3_NAMES}
+NAMES = {
+    "conv3x3": TILE_NAMES,
+    "conv1x1": GEMM_NAMES,
+    "conv3x3-bf16x3": BF16X3_NAMES,
+    "convnext-mlp-bf16x3": BF16X3_NAMES,
+}
 
 
 def describe(entry: dict, names: dict[int, str]) -> str:

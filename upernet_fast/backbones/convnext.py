@@ -19,6 +19,7 @@ from torch import nn
 
 from ..folding import cached
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
+from ..kernels.mlp_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
 
@@ -95,7 +96,14 @@ class ConvNextLayer(nn.Module):
         sources = [ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma]
         return cached(self, "mlp", sources, build)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_bf16x3(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded MLP weights as ``mlp_bf16x3_`` takes them (built once)."""
+        fc1, fc2 = self.folded()
+        sources = [fc1.weight, fc2.weight]
+        return cached(self, "mlp_bf16x3", sources, lambda: (pack_weight(fc1.weight), pack_weight(fc2.weight)))
+
+    def forward(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+        """``bf16x3``: run the MLP as split-bfloat16 GEMMs (``dispatch.mlp_bf16x3_choice`` decided it)."""
         fc1, fc2 = self.folded()
         if not eager_inference():  # the in-place fast paths below are for eager inference only
             y = self.dwconv(x).permute(0, 2, 3, 1)
@@ -103,6 +111,10 @@ class ConvNextLayer(nn.Module):
             y = F.linear(self.act(F.linear(y, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
             return x + y.permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
+        if bf16x3:
+            y = self.dwconv(x).contiguous(memory_format=torch.channels_last)  # a no-op: oneDNN keeps it
+            w1, w2 = self.packed_bf16x3()
+            return mlp_bf16x3_(y, x, w1, fc1.bias, w2, fc2.bias, self.layernorm.eps)
         if self.onednn_mlp_blocker(x) is None:
             return self._forward_onednn(x, fc1, fc2)
         y = self.dwconv(x).contiguous(memory_format=torch.channels_last)  # no-ops on the fast path
@@ -147,11 +159,15 @@ class ConvNextStage(nn.Module):
             self.downsampling_layer = nn.ModuleList()
         self.layers = nn.ModuleList([ConvNextLayer(out_dim, act, ls) for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.downsampling_layer:
             x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+        x = self.downsample(x)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, bf16x3)
         return x
 
 
@@ -200,11 +216,15 @@ class ConvNextBackbone(Backbone):
     ) -> BackboneOutput:
         x = self.embeddings(pixel_values.contiguous(memory_format=torch.channels_last))
         hidden_states = [x]
-        noting = plan is not None and not plan.frozen and eager_inference()
+        eager = eager_inference()
+        noting = plan is not None and not plan.frozen and eager
         for stage in self.encoder.stages:
+            x = stage.downsample(x)
+            bf16x3 = eager and self._mlp_bf16x3(plan, stage, x)
             if noting:
-                self._note_mlp(plan, stage, x)
-            x = stage(x)
+                self._note_mlp(plan, stage, x, bf16x3)
+            for layer in stage.layers:
+                x = layer(x, bf16x3)
             hidden_states.append(x)
         feature_maps = tuple(
             self.hidden_states_norms[name](h)
@@ -215,20 +235,41 @@ class ConvNextBackbone(Backbone):
             feature_maps=feature_maps, hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
 
-    def _note_mlp(self, plan: Plan, stage: ConvNextStage, x: torch.Tensor) -> None:
+    def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> bool:
+        """Whether `stage`'s MLPs run as bf16x3 on inputs like `x` (the stage's downsampled input), decided
+        once per plan (`dispatch.mlp_bf16x3_choice`)."""
+        if not stage.layers:
+            return False
+        from ..dispatch import mlp_bf16x3_choice  # (dispatch imports the kernels; no cycle at call time)
+
+        hidden, act = stage.layers[0].pwconv1.out_features, self.config["hidden_act"]
+        if plan is None:
+            return mlp_bf16x3_choice(plan, x, hidden, act)[0]
+        return plan.decide(stage, "mlp-bf16x3", lambda: mlp_bf16x3_choice(plan, x, hidden, act))[0]
+
+    def _note_mlp(self, plan: Plan, stage: ConvNextStage, x: torch.Tensor, bf16x3: bool) -> None:
         """The MLP path of `stage`'s layers on inputs like `x` (one note: its layers share shapes and
-        activation), from `ConvNextLayer.onednn_mlp_blocker`; on the row-chunked path, its two Linears."""
+        activation): bf16x3 or not (`dispatch.mlp_bf16x3_choice`, why), else from
+        `ConvNextLayer.onednn_mlp_blocker`; on the row-chunked path, its two Linears."""
         if not stage.layers:
             return
         layer, act = stage.layers[0], self.config["hidden_act"]
         fc1, fc2 = layer.folded()
         hidden, dim = fc1.weight.shape
         part = f"layers.*.pwconv1/pwconv2 (MLP): {dim}->{hidden}->{dim}, {x.dtype}"
+        why_bf16x3 = plan.choices.get((id(stage), "mlp-bf16x3"), (False, ""))[1]
+        if bf16x3:
+            impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
+            plan.note(
+                stage, part, impl, f"{why_bf16x3}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3"
+            )
+            return
         blocker = layer.onednn_mlp_blocker(x)
         if blocker is None:
             kind = "CPU float32" if x.dtype == torch.float32 else "bfloat16 on a CPU with native bf16"
             impl = f"oneDNN 1x1 convs, {act} + residual add fused"
-            plan.note(stage, part, impl, f"{kind}; see bench/results/decisions.md, ConvNeXt MLP")
+            why = f"{kind}; see bench/results/decisions.md, ConvNeXt MLP"
+            plan.note(stage, part, impl, f"{why} (not bf16x3: {why_bf16x3})" if why_bf16x3 else why)
             return
         plan.note(
             stage,

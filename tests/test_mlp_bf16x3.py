@@ -1,0 +1,138 @@
+"""The ConvNeXt block MLP as split-bfloat16 GEMMs (kernels/mlp_bf16x3.py, csrc/mlp_bf16x3.c): against a
+float64 block on odd shapes, its GELU against float64, bad input, the choice (dispatch.mlp_bf16x3_choice)
+and whole-model parity with transformers when forced on. MKL's bfloat16 GEMM also runs (emulated, slowly)
+on CPUs without AMX, so the numerics are checked on every CPU that has it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import upernet_fast
+from conftest import compare_logits, make_reference
+from upernet_fast import dispatch, tuning
+from upernet_fast.kernels import mlp_bf16x3 as mx
+from upernet_fast.kernels import native
+
+runs_here = pytest.mark.skipif(
+    native.library() is None or mx.gemm_bf16bf16f32() is None,
+    reason="needs the C helpers and MKL's cblas_gemm_bf16bf16f32 in libtorch_cpu",
+)
+CL = torch.channels_last
+EPS = 1e-6
+
+
+def _block(c, hidden, b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g).contiguous(memory_format=CL)
+    y = (3 * torch.randn(b, c, h, w, generator=g) + 1).contiguous(memory_format=CL)  # the dwconv output
+    w1 = torch.randn(hidden, c, generator=g) / c**0.5
+    w2 = torch.randn(c, hidden, generator=g) / hidden**0.5
+    return x, y, w1, 0.3 * torch.randn(hidden, generator=g), w2, 0.1 * torch.randn(c, generator=g)
+
+
+def _reference(x, y, w1, b1, w2, b2, bf16=False):
+    """In float64; ``bf16``: with both GEMMs' operands rounded to bfloat16 (one plain bf16 pass each)."""
+    r = (lambda t: t.bfloat16().double()) if bf16 else (lambda t: t)  # noqa: E731
+    t = r(F.layer_norm(y.double().permute(0, 2, 3, 1), (y.shape[1],), eps=EPS))
+    t = r(F.gelu(F.linear(t, r(w1.double()), b1.double())))
+    return x.double() + F.linear(t, r(w2.double()), b2.double()).permute(0, 3, 1, 2)
+
+
+@runs_here
+@pytest.mark.parametrize(
+    "c,hidden,b,h,w",
+    [
+        (40, 160, 2, 7, 9),
+        (37, 100, 1, 23, 29),
+        (96, 384, 1, 33, 17),
+    ],  # odd widths; 667 and 561 rows: 2 chunks
+)
+def test_mlp_bf16x3_matches_float64(c, hidden, b, h, w):
+    x, y, w1, b1, w2, b2 = _block(c, hidden, b, h, w)
+    ref, plain = _reference(x, y, w1, b1, w2, b2), _reference(x, y, w1, b1, w2, b2, bf16=True)
+    out = mx.mlp_bf16x3_(y, x, mx.pack_weight(w1), b1, mx.pack_weight(w2), b2, EPS)
+    assert out is y and y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-5, err  # measured ~4e-6 (float32 oneDNN: ~7e-7; one bfloat16 pass: ~3e-3)
+    assert ((plain - ref).abs().max() / ref.abs().max()).item() > 10 * err  # the split is what helps
+
+
+@runs_here
+def test_gelu_is_the_erf_form():
+    z = torch.cat([torch.linspace(-12, 12, 100001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 100.0, -100.0])])
+    out = torch.empty_like(z)
+    native.library().gelu_erf_reference(z.data_ptr(), out.data_ptr(), z.numel())
+    err = (out.double() - F.gelu(z.double())).abs().max().item()
+    assert err < 1e-6, err  # A&S 7.1.26: |erf error| < 1.5e-7; PyTorch's float32 GELU is ~1e-6 off too
+
+
+@runs_here
+def test_bad_input_is_refused_before_anything_is_written():
+    x, y, w1, b1, w2, b2 = _block(40, 160, 1, 5, 6)
+    p1, p2 = mx.pack_weight(w1), mx.pack_weight(w2)
+    before = y.clone()
+    with pytest.raises(ValueError, match="channels-last"):
+        mx.mlp_bf16x3_(y.contiguous(), x.contiguous(), p1, b1, p2, b2, EPS)
+    with pytest.raises(ValueError, match="CPU float32"):
+        mx.mlp_bf16x3_(y.double(), x, p1, b1, p2, b2, EPS)
+    with pytest.raises(ValueError, match="pack_weight"):
+        mx.mlp_bf16x3_(y, x, w1.t().contiguous().bfloat16(), b1, p2, b2, EPS)
+    with pytest.raises(ValueError, match="pack_weight"):
+        mx.mlp_bf16x3_(y, x, p2, b2, p1, b1, EPS)
+    with pytest.raises(ValueError, match="must match"):
+        mx.mlp_bf16x3_(y, x[:, :, :4].contiguous(memory_format=CL), p1, b1, p2, b2, EPS)
+    assert torch.equal(y, before)
+
+
+def test_pack_weight_layout():
+    w = torch.randn(6, 4)  # (N, K)
+    p = mx.pack_weight(w)
+    hi = w.t().bfloat16()
+    assert p.shape == (12, 6) and p.dtype == torch.bfloat16
+    assert torch.equal(p[:4], hi) and torch.equal(p[4:8], hi)
+    assert torch.equal(p[8:], (w.t() - hi.float()).bfloat16())
+
+
+def test_choice_rules(monkeypatch):
+    x = torch.zeros(1, 384, 8, 8).contiguous(memory_format=CL)
+    plan = dispatch.Plan(bf16x3=True, tune=False)
+    assert dispatch.mlp_bf16x3_choice(None, x, 1536, "gelu") == (False, "float32 while compiling")
+    off = dispatch.mlp_bf16x3_choice(dispatch.Plan(bf16x3=False), x, 1536, "gelu")
+    assert off[0] is False and "switched off" in off[1]
+    assert "erf GELU only" in dispatch.mlp_bf16x3_choice(plan, x, 1536, "relu")[1]
+    assert "CPU float32" in dispatch.mlp_bf16x3_choice(plan, x.double(), 1536, "gelu")[1]
+    monkeypatch.setattr(mx, "mlp_bf16x3_blocker", lambda t: None)
+    monkeypatch.setattr(dispatch, "mlp_bf16x3_blocker", lambda t: None)
+    monkeypatch.setattr(dispatch, "amx_bf16", lambda: False)
+    assert "no AMX-BF16" in dispatch.mlp_bf16x3_choice(plan, x, 1536, "gelu")[1]
+    monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
+    use, why = dispatch.mlp_bf16x3_choice(plan, x, 1536, "gelu")
+    assert use is True and why.startswith("default rule")
+    narrow = torch.zeros(1, dispatch.MLP_BF16X3_MIN_CHANNELS - 1, 8, 8)
+    assert dispatch.mlp_bf16x3_choice(plan, narrow, 400, "gelu")[0] is False
+    monkeypatch.setattr(tuning, "mlp_bf16x3", lambda *a: (False, "measured: float32"))
+    assert dispatch.mlp_bf16x3_choice(dispatch.Plan(bf16x3=True, tune=True), x, 1536, "gelu") == (
+        False,
+        "measured: float32",
+    )
+
+
+@runs_here
+@pytest.mark.parametrize("split", [True, False])
+def test_model_with_bf16x3_mlps_matches_transformers(monkeypatch, split):
+    """Forced on for every stage (or off), the whole model stays within the parity tolerance, and the plan
+    says which MLP path ran and why."""
+    ref = make_reference("convnext", hidden_size=64, num_labels=7)
+    monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
+    monkeypatch.setattr(dispatch, "MLP_BF16X3_MIN_CHANNELS", 0 if split else 10**6)
+    fast = upernet_fast.load(ref, tune=False)
+    x = torch.randn(2, 3, 75, 101, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compare_logits(ref(x).logits, fast(x).logits, 1e-4)
+    mlps = [p for p in fast.plan(75, 101, batch=2) if "(MLP)" in p["part"]]
+    assert mlps and all(("bf16x3" in p["impl"]) == split for p in mlps), mlps
+    assert all("default rule" in p["why"] for p in mlps), mlps
+    strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
+    assert not any("bf16x3" in p["impl"] for p in strict if "(MLP)" in p["part"])
