@@ -523,11 +523,7 @@ class Ops:
         decide = winograd_choice if decide is None else decide
         if self.plan is None:
             return decide(self, x, weight, padding)
-        key = (id(owner), name)
-        choice = self.plan.choices.get(key)
-        if choice is None:
-            choice = self.plan.choices[key] = decide(self, x, weight, padding)
-        return choice
+        return self.plan.decide(owner, name, lambda: decide(self, x, weight, padding))
 
     def note(self, owner: object, part: str, impl: str, why: str) -> None:
         """Record one decision in the plan being built (no-op once it is frozen, or without a plan)."""

@@ -6,6 +6,8 @@ NCHW→NHWC permutes are free views; the LayerNorm affine is folded into `pwconv
 convolutions on the channels-last map, GELU and the residual add fused as post-ops
 (`mkldnn._convolution_pointwise`): the fastest of the three variants measured
 (bench/results/decisions.md, "ConvNeXt MLP"; `fused_linear.mlp_rows_` stays the path for other activations).
+On a CPU with AMX-BF16 the float32 MLP of a stage may instead run as split-bfloat16 GEMMs with a float32
+result (`kernels/mlp_bf16x3.py`, decided per stage by `dispatch.mlp_bf16x3_choice`).
 Parameter names are transformers'.
 """
 
