@@ -13,6 +13,7 @@ from conftest import compare_logits, make_reference
 from upernet_fast import dispatch, tuning
 from upernet_fast.kernels import native
 from upernet_fast.kernels._common import native_bf16
+from upernet_fast.kernels.gemm_bf16x3 import gemm_bf16bf16f32
 
 REL_TOL = 1e-4
 
@@ -85,7 +86,8 @@ def test_every_plan_the_calibration_can_pick_matches_transformers(
     wide_reference, monkeypatch, forced, gemm, split
 ):
     """Whatever the measurements say on a machine, the model stays within tolerance: force each
-    candidate for every tuned conv (3x3 algorithm, direct 3x3 in float32 or bf16x3, 1x1 as GEMM or oneDNN)
+    candidate for every tuned conv (3x3 algorithm, direct 3x3 in float32 or bf16x3, 1x1 as GEMM, oneDNN or
+    bf16x3)
     and compare with transformers. bf16x3 is forced wherever oneDNN has native bf16 (not only with AMX)."""
     if split:
         if not native_bf16():
@@ -104,8 +106,13 @@ def test_every_plan_the_calibration_can_pick_matches_transformers(
     expected = f"Winograd F({forced}x{forced})" if forced else "oneDNN/MKL"
     expected = "bf16x3 (split bfloat16 on AMX)" if split else expected
     assert all(p["impl"] == expected for p in tuned), tuned
-    ones = [p for p in plan if p["why"] == f"forced gemm {gemm}"]
-    assert ones and all(p["impl"] == ("GEMM" if gemm else "oneDNN") for p in ones), plan
+    # 1x1 convs: bf16x3 GEMMs when forced (and MKL's bf16 GEMM is there), else the forced float32 choice
+    ones = [
+        p for p in plan if " 1x1 @ " in p["part"] and p["why"].startswith(("forced gemm", "forced split"))
+    ]
+    x3_1x1 = split and native.library() is not None and gemm_bf16bf16f32() is not None
+    expected = "bf16x3 GEMM (split bfloat16 on AMX)" if x3_1x1 else "GEMM" if gemm else "oneDNN"
+    assert ones and all(p["impl"] == expected for p in ones), plan
 
 
 def test_plan_names_layers_and_reasons(wide_reference):

@@ -20,7 +20,7 @@ is the one place that decides when and which: measured on this machine (``uperne
 bf16x3 (CPU float32 with AMX, beyond exact): a direct 3x3 conv (not Winograd) can run as split bfloat16 on
 AMX with a float32 result (``kernels/bf16x3.py``, error ~7e-6 relative). ``bf16x3_choice`` decides: only
 with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``). The ConvNeXt block
-MLPs likewise (``kernels/mlp_bf16x3.py``, one MKL bf16 GEMM with a float32 result per Linear;
+MLPs likewise (``kernels/gemm_bf16x3.py``, one MKL bf16 GEMM with a float32 result per Linear;
 ``mlp_bf16x3_choice``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
 float32.
 
@@ -47,7 +47,7 @@ from .kernels._common import env_switch, interpreting, native_bf16, out_memory_f
 from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
-from .kernels.mlp_bf16x3 import mlp_bf16x3_blocker
+from .kernels.gemm_bf16x3 import conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
 __all__ = [
@@ -97,6 +97,10 @@ WINOGRAD_MERGE_MARGIN = 1.15
 # (min channels, min map side) from which a direct 3x3 float32 conv runs as bf16x3 on an AMX CPU when tuning is
 # off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
 BF16X3_WINS = (256, 32)
+# 1x1 float32 convs with at least this many input and output channels and pixels run as bf16x3 GEMMs on an
+# AMX CPU when tuning is off (Xeon with AMX-BF16: 1.4x at 192/384/768->512, 1.5-1.8x at 512->4608; 0.9-1.05x for 96->512
+# at 128² and 512->150 at 128², the head's lateral 0 and classifier).
+BF16X3_1X1_WINS = (192, 256)  # (min channels, min output pixels): a handful of rows is weight-bound
 # ConvNeXt block MLPs with at least this many channels run as bf16x3 on an AMX CPU when tuning is off (Xeon
 # with AMX-BF16, ConvNeXt-T blocks: 1.06-1.2x at 96 channels, 1.2-1.3x at 192, 1.5-1.8x at 384, 1.4-1.6x at 768).
 MLP_BF16X3_MIN_CHANNELS = 192
@@ -240,26 +244,42 @@ def gemm_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -
 
 
 def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[bool, str]:
-    """(run as bf16x3?, why) for a 3x3 float32 conv that ``winograd_choice`` left direct: only on a CPU with
-    AMX-BF16, for channels-last CPU float32 input on the PyTorch path; then measured on this machine
-    (``tuning.bf16x3``) unless tuning is off, else the default rule ``BF16X3_WINS``."""
+    """(run as bf16x3?, why) for a 3x3 float32 conv that ``winograd_choice`` left direct, or a 1x1 conv:
+    only on a CPU with AMX-BF16, for channels-last CPU float32 input on the PyTorch path; then measured on
+    this machine (``tuning.bf16x3``) unless tuning is off, else the default rules ``BF16X3_WINS`` (3x3) and
+    ``BF16X3_1X1_WINS`` (1x1)."""
     c_out, c_in, kh, kw = weight.shape
     if not ops.bf16x3:
         return False, "bf16x3 switched off (bf16x3=False / UPERNET_FAST_BF16X3=0)"
-    if (kh, kw, padding) != (3, 3, 1) or ops.backend_of("conv_bn_relu") != "torch":
-        return False, "bf16x3 is for 3x3 convs (padding 1) on the PyTorch path"
+    if (kh, kw, padding) not in ((3, 3, 1), (1, 1, 0)) or ops.backend_of("conv_bn_relu") != "torch":
+        return False, "bf16x3 is for 3x3 (padding 1) and 1x1 convs on the PyTorch path"
     if torch.compiler.is_compiling():
         return False, "float32 while compiling (the CPU checks below do not trace)"
-    if not bf16x3_possible(x):
+    if kh == 3 and not bf16x3_possible(x):
         return False, "bf16x3 needs a channels-last CPU float32 input with oneDNN"
+    if kh == 1:
+        blocker = gemm_bf16x3_blocker(x)
+        if blocker is None and not (x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()):
+            blocker = "a bf16x3 1x1 conv needs a channels-last input"
+        if blocker is not None:
+            return False, blocker
     if not amx_bf16():
         return False, "no AMX-BF16 on this CPU (bf16x3 would be slower than float32)"
     h, w = x.shape[2:]
-    channels, side = BF16X3_WINS
-    default = min(c_in, c_out) >= channels and min(h, w) >= side
-    rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
+    if kh == 1:
+        channels, pixels = BF16X3_1X1_WINS
+        default = min(c_in, c_out) >= channels and x.shape[0] * h * w >= pixels
+        rule = (
+            f"bf16x3 from {channels} channels and {pixels} px"
+            if default
+            else f"float32 below {BF16X3_1X1_WINS}"
+        )
+    else:
+        channels, side = BF16X3_WINS
+        default = min(c_in, c_out) >= channels and min(h, w) >= side
+        rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
     if ops.tune:
-        use, why = tuning.bf16x3(c_in, c_out, h, w, default)
+        use, why = tuning.bf16x3(c_in, c_out, h, w, default, kh)
         if use is not None:
             return use, why
         return default, f"default rule ({why}): {rule}"
@@ -277,7 +297,7 @@ def mlp_bf16x3_choice(plan: Plan | None, x: torch.Tensor, hidden: int, act: str)
         return False, "bf16x3 switched off (bf16x3=False / UPERNET_FAST_BF16X3=0)"
     if act != "gelu":
         return False, f"the bf16x3 MLP computes the erf GELU only, not {act}"
-    blocker = mlp_bf16x3_blocker(x)
+    blocker = gemm_bf16x3_blocker(x)
     if blocker is not None:
         return False, blocker
     if not amx_bf16():
@@ -469,7 +489,13 @@ class Ops:
         """``conv_bn_relu`` with the implementation ``winograd_choice`` picks (the Winograd weight built
         once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan."""
         if weight.shape[-1] == 1:
+            split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
+            if split:
+                packed = cached(owner, f"bf16x3_{name}", sources, lambda: pack_weight(weight.flatten(1)))
+                self._note(owner, name, x, weight, why_split, "bf16x3 GEMM (split bfloat16 on AMX)")
+                return conv1x1_bf16x3(x, packed, bias, relu)
             gemm, why = self.choice(owner, name, x, weight, padding, gemm_choice)
+            why = f"{why}; {why_split}"
             self._note(owner, name, x, weight, why, "GEMM" if gemm else "oneDNN" if gemm is False else None)
             return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm)
         tile, why = self.choice(owner, name, x, weight, padding)

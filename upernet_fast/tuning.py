@@ -4,8 +4,8 @@ Which convolution algorithm is fastest for a layer depends on the CPU: on an AVX
 beat F(4x4) for 512-channel 3x3 convs from 64x64 maps on; on an AVX-512 Xeon F(4x4) won at 128x128 and
 F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So the first time a conv
 shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6); 1x1 on channels-last
-input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 float32 conv and a ConvNeXt
-block MLP as float32 or as bf16x3) is timed once on random
+input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 or a 1x1 float32 conv and a
+ConvNeXt block MLP as float32 or as bf16x3) is timed once on random
 data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
 reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
@@ -189,14 +189,38 @@ def measure_bf16x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
         )
 
 
-def bf16x3(c_in: int, c_out: int, h: int, w: int, default: bool = False) -> tuple[bool | None, str]:
-    """(as bf16x3?, why) for a direct 3x3 float32 conv of this shape on this machine, measured once (None:
-    too small to time, the caller's default rule applies)."""
+def measure_bf16x3_1x1(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
+    """ms of one 1x1 conv + bias (batch 1, channels-last float32, h x w) in float32 (0: the faster of oneDNN
+    and one GEMM, as ``gemm_1x1`` would pick) and as a bf16x3 GEMM (1)."""
+    from .kernels.conv_bn_relu import conv_bn_relu_torch
+    from .kernels.gemm_bf16x3 import conv1x1_bf16x3, pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c_out, c_in, 1, 1, generator=g) / c_in**0.5, torch.randn(c_out, generator=g)
+    packed = pack_weight(weight.view(c_out, c_in))
+    with torch.no_grad():
+        times = _time_candidates(
+            {
+                1: lambda: conv1x1_bf16x3(x, packed, bias, False),
+                0: lambda: conv_bn_relu_torch(x, weight, bias, 0, False, None, False),
+                2: lambda: conv_bn_relu_torch(x, weight, bias, 0, False, None, True),
+            }
+        )
+    return {1: times[1], 0: min(times[0], times[2])}
+
+
+def bf16x3(
+    c_in: int, c_out: int, h: int, w: int, default: bool = False, kernel: int = 3
+) -> tuple[bool | None, str]:
+    """(as bf16x3?, why) for a direct 3x3 (``kernel`` 3) or a 1x1 float32 conv of this shape on this
+    machine, measured once (None: too small to time, the caller's default rule applies)."""
     ch, cw = min(h, CAP), min(w, CAP)
-    if 9 * c_in * c_out * ch * cw < MIN_MACS:
+    if kernel * kernel * c_in * c_out * ch * cw < MIN_MACS:
         return None, "too small to time reliably"
-    name = f"conv3x3-bf16x3:{c_in}->{c_out}@{ch}x{cw}"
-    entry = _measured(name, lambda: measure_bf16x3(c_in, c_out, ch, cw), int(default))
+    kind, measure = ("conv3x3", measure_bf16x3) if kernel == 3 else ("conv1x1", measure_bf16x3_1x1)
+    name = f"{kind}-bf16x3:{c_in}->{c_out}@{ch}x{cw}"
+    entry = _measured(name, lambda: measure(c_in, c_out, ch, cw), int(default))
     return bool(entry["choice"]), f"measured on this CPU: {describe(entry, BF16X3_NAMES)}"
 
 
@@ -205,7 +229,7 @@ def measure_mlp_bf16x3(c: int, hidden: int, h: int, w: int) -> dict[int, float]:
     float32, h x w) as oneDNN float32 1x1 convs (0) and as bf16x3 (1)."""
     from .backbones.fused_linear import normalize
     from .kernels._common import CONV_POINTWISE
-    from .kernels.mlp_bf16x3 import mlp_bf16x3_, pack_weight
+    from .kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
@@ -278,6 +302,7 @@ NAMES = {
     "conv3x3": TILE_NAMES,
     "conv1x1": GEMM_NAMES,
     "conv3x3-bf16x3": BF16X3_NAMES,
+    "conv1x1-bf16x3": BF16X3_NAMES,
     "convnext-mlp-bf16x3": BF16X3_NAMES,
 }
 

@@ -7,7 +7,7 @@ convolutions on the channels-last map, GELU and the residual add fused as post-o
 (`mkldnn._convolution_pointwise`): the fastest of the three variants measured
 (bench/results/decisions.md, "ConvNeXt MLP"; `fused_linear.mlp_rows_` stays the path for other activations).
 On a CPU with AMX-BF16 the float32 MLP of a stage may instead run as split-bfloat16 GEMMs with a float32
-result (`kernels/mlp_bf16x3.py`, decided per stage by `dispatch.mlp_bf16x3_choice`).
+result (`kernels/gemm_bf16x3.py`, decided per stage by `dispatch.mlp_bf16x3_choice`).
 Parameter names are transformers'.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..folding import cached
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
-from ..kernels.mlp_bf16x3 import mlp_bf16x3_, pack_weight
+from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
 

@@ -8,7 +8,8 @@
   and the bfloat16 top-down add (resize + add in one pass, one rounding).
 - ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
 - ``csrc/usa.c``: ``upsample_shift_add`` of bfloat16 channels-last taps (``fpn.py``).
-- ``csrc/mlp_bf16x3.c``: the ConvNeXt block MLP as split-bfloat16 MKL GEMMs (``mlp_bf16x3.py``).
+- ``csrc/gemm_bf16x3.c``: the ConvNeXt block MLP and 1x1 convs as split-bfloat16 MKL GEMMs
+  (``gemm_bf16x3.py``).
 
 Build: ``cc -O3 -shared -fPIC -fopenmp`` plus the vector ISA of the machine that runs it (``isa()``:
 AVX-512 → ``-mavx512f -mavx512vl -mavx512bw -mavx512dq -mfma -mprefer-vector-width=512``, AVX2 →
@@ -43,7 +44,7 @@ ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
 SOURCES = tuple(
     Path(__file__).parent / "csrc" / f
-    for f in ("winograd.c", "resize.c", "bf16x3.c", "usa.c", "mlp_bf16x3.c")
+    for f in ("winograd.c", "resize.c", "bf16x3.c", "usa.c", "gemm_bf16x3.c")
 )
 HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the build key, not of the command line
 
@@ -65,6 +66,8 @@ _SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I)
 _SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
 # y, x, rows, C, N, eps, w1, b1, w2, b2, chunk, a1, h, a2, tmp, gemm, threads / x, y, n
 _SIGNATURES["bf16x3_convnext_mlp"] = (_P, _P, _L, _I, _I, ctypes.c_float, *[_P] * 4, _L, *[_P] * 5, _I)
+# a, rows, K, N, w, bias, relu, out, chunk, abuf, gemm, threads
+_SIGNATURES["bf16x3_linear"] = (_P, _L, _I, _I, _P, _P, _I, _P, _L, _P, _P, _I)
 _SIGNATURES["gelu_erf_reference"] = (_P, _P, _L)
 # out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
 # workspace, threads

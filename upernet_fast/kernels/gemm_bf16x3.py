@@ -1,21 +1,21 @@
-"""The ConvNeXt block MLP in float32 as split-bfloat16 GEMMs on AMX, with a float32 result (CPU).
+"""Float32 GEMMs as split-bfloat16 GEMMs on AMX, with a float32 result (CPU): the ConvNeXt block MLP
+(``mlp_bf16x3_``) and 1x1 convs (``conv1x1_bf16x3``).
 
-``y <- x + b2 + gelu(layernorm(y) @ W1 + b1) @ W2`` over the rows of channels-last maps, where the GEMMs
-run as "bf16x3" (see ``bf16x3.py`` for the split): each GEMM input ``a`` becomes ``[hi | lo | hi]`` per
-row and each weight ``[W_hi; W_hi; W_lo]``, so ONE bfloat16 GEMM over 3K sums ``hi W_hi + lo W_hi +
-hi W_lo`` in float32 and writes float32. That GEMM is MKL's ``cblas_gemm_bf16bf16f32``, which PyTorch's
-own libtorch_cpu exports (AMX kernels inside) but no PyTorch op exposes; here it is called from C
-(``csrc/mlp_bf16x3.c``), which also does the LayerNorm + split and bias + GELU + split passes in row
-chunks that stay in cache.
+The split is bf16x3's (see ``bf16x3.py``): each GEMM input ``a`` becomes ``[hi | lo | hi]`` per row and
+each weight ``[W_hi; W_hi; W_lo]``, so ONE bfloat16 GEMM over 3K sums ``hi W_hi + lo W_hi + hi W_lo`` in
+float32 and writes float32 (no remainder pass, unlike the 3x3 convs of ``bf16x3.py``). That GEMM is MKL's
+``cblas_gemm_bf16bf16f32``, which PyTorch's own libtorch_cpu exports (AMX kernels inside) but no PyTorch
+op exposes; here it is called from C (``csrc/gemm_bf16x3.c``), which also does the split passes (the MLP's
+fused with LayerNorm and with bias + GELU) over row chunks that stay in cache.
 
 Why: on a Xeon with AMX-BF16 that GEMM runs at 600-1100 GMAC/s against MKL float32's 130-180, so the
 three-term product still beats float32 1.5-2.2x; the block MLPs (ConvNeXt-T: 22 of its 23 GMACs) are the
 float32 path's largest cost after the head's Winograd GEMMs (bench/results/decisions.md, "ConvNeXt MLP
-as bf16x3"). Error: ~4e-6 of the block output's scale (float32: ~6e-7); ConvNeXt-T logits are as close to
+as bf16x3"). Error: ~4e-6 of the output's scale (float32: ~6e-7); ConvNeXt-T logits are as close to
 transformers as before (the head's Winograd error dominates). Not for Winograd's GEMMs: the inverse
 transform amplifies the split's error to 1.5-2e-4 (decisions.md).
 
-Whether it runs is decided in ``upernet_fast.dispatch.mlp_bf16x3_choice``.
+Whether they run is decided in ``upernet_fast.dispatch`` (``mlp_bf16x3_choice``, ``bf16x3_choice``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ import torch
 from . import native
 from ._memory import empty_output
 
-__all__ = ["gemm_bf16bf16f32", "mlp_bf16x3_", "mlp_bf16x3_blocker", "pack_weight"]
+__all__ = ["conv1x1_bf16x3", "gemm_bf16bf16f32", "gemm_bf16x3_blocker", "mlp_bf16x3_", "pack_weight"]
 
 # Rows per chunk. Fewer re-read the weights too often (each chunk streams both from memory), more spill
 # the chunk's hidden activations out of cache: on a Xeon with AMX-BF16, 512 was best or within 5% of it
 # at each ConvNeXt-T stage (128-2048 rows and whole maps measured; bench/results/decisions.md).
 CHUNK_ROWS = 512
+# The same for a 1x1 conv (one GEMM per chunk, no hidden layer): 1024 was faster than 256 and 512 for the
+# head's 1x1 convs (512->4608 at 32²: 7.8 / 12.8 / 9.8 ms).
+LINEAR_CHUNK_ROWS = 1024
 
 
 @functools.cache
@@ -50,11 +53,11 @@ def gemm_bf16bf16f32() -> int | None:
     return None
 
 
-def mlp_bf16x3_blocker(x: torch.Tensor) -> str | None:
-    """Why ``mlp_bf16x3_`` cannot run on ``x`` here, or None when it can. Only whether it is possible: AMX
+def gemm_bf16x3_blocker(x: torch.Tensor) -> str | None:
+    """Why ``mlp_bf16x3_`` / ``conv1x1_bf16x3`` cannot run on ``x`` here, or None when it can. Only whether it is possible: AMX
     (without it bf16x3 is slower than float32) and the rest are the caller's to check."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return "bf16x3 MLP is for CPU float32"
+        return "bf16x3 GEMMs are for CPU float32"
     if native.library() is None:
         return "the native C helpers are unavailable"
     if gemm_bf16bf16f32() is None:
@@ -70,11 +73,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([hi, hi, lo], 0).contiguous()
 
 
-def _rows(t: torch.Tensor, name: str, c: int) -> None:
+def _rows(t: torch.Tensor, name: str, c: int, op: str = "mlp_bf16x3_") -> None:
     if t.dim() != 4 or t.shape[1] != c or not t.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(
-            f"mlp_bf16x3_: {name} must be a channels-last (B, {c}, H, W) map, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{op}: {name} must be a channels-last (B, {c}, H, W) map, got {tuple(t.shape)}")
 
 
 def mlp_bf16x3_(
@@ -89,7 +90,7 @@ def mlp_bf16x3_(
     """In place: ``y <- x + b2 + gelu(layernorm(y) @ W1ᵀ + b1) @ W2ᵀ`` per pixel (affine-free LayerNorm over
     channels, erf GELU), for channels-last CPU float32 maps ``y`` and ``x`` (B, C, H, W); ``w1 =
     pack_weight(W1)`` (W1: (N, C)), ``w2 = pack_weight(W2)`` (W2: (C, N)). Returns ``y``."""
-    blocker = mlp_bf16x3_blocker(y)
+    blocker = gemm_bf16x3_blocker(y)
     if blocker is not None:
         raise ValueError(f"mlp_bf16x3_: {blocker}")
     c = y.shape[1]
@@ -126,3 +127,36 @@ def mlp_bf16x3_(
         gemm_bf16bf16f32(), threads,
     )  # fmt: skip
     return y
+
+
+def conv1x1_bf16x3(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """``relu?(conv1x1(x, W) + bias)`` of a channels-last CPU float32 map ``x`` (B, K, H, W), with ``packed =
+    pack_weight(W.view(N, K))``; channels-last float32 output (B, N, H, W)."""
+    blocker = gemm_bf16x3_blocker(x)
+    if blocker is not None:
+        raise ValueError(f"conv1x1_bf16x3: {blocker}")
+    if x.dim() != 4:
+        raise ValueError(f"conv1x1_bf16x3: x must be a (B, K, H, W) map, got {tuple(x.shape)}")
+    k = x.shape[1]
+    _rows(x, "x", k, "conv1x1_bf16x3")
+    n = packed.shape[1]
+    if packed.dtype != torch.bfloat16 or tuple(packed.shape) != (3 * k, n) or not packed.is_contiguous():
+        raise ValueError(
+            f"conv1x1_bf16x3: packed must be pack_weight() of an (N, {k}) weight, got {packed.dtype} "
+            f"{tuple(packed.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"conv1x1_bf16x3: bias must have shape ({n},), got {tuple(bias.shape)}")
+    b, _, h, w = x.shape
+    out = empty_output((b, h, w, n), dtype=torch.float32, device=x.device)
+    rows = b * h * w
+    chunk = max(1, min(rows, LINEAR_CHUNK_ROWS))
+    abuf = empty_output((chunk * 3 * k,), dtype=torch.bfloat16, device=x.device)
+    bias = None if bias is None else bias.float().contiguous()
+    native.library().bf16x3_linear(
+        x.data_ptr(), rows, k, n, packed.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
+        out.data_ptr(), chunk, abuf.data_ptr(), gemm_bf16bf16f32(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out.permute(0, 3, 1, 2)

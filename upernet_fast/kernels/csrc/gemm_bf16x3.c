@@ -1,16 +1,19 @@
-/* The ConvNeXt block MLP in float32 as split-bfloat16 GEMMs with a float32 result ("bf16x3", see
- * mlp_bf16x3.py), for CPUs with AMX:
+/* Float32 GEMMs as split-bfloat16 ("bf16x3") GEMMs with a float32 result, for CPUs with AMX (see
+ * gemm_bf16x3.py). Each GEMM input a is split into hi = bf16(a), lo = bf16(a - hi) and written as
+ * [hi | lo | hi] per row; the packed weights are [W_hi; W_hi; W_lo] (3K x N), so one bf16 GEMM with float32
+ * accumulation and a float32 output (MKL's cblas_gemm_bf16bf16f32, passed in as `gemm`) sums
+ * hi W_hi + lo W_hi + hi W_lo.
  *
- *     y <- x + b2 + gelu(layernorm(y) @ W1 + b1) @ W2        (rows x C, channels-last, in place)
+ * bf16x3_convnext_mlp: the ConvNeXt block MLP, y <- x + b2 + gelu(layernorm(y) @ W1 + b1) @ W2 (rows x C,
+ * channels-last, in place). Rows go in chunks of `chunk`; each chunk is LayerNorm + split (one pass, which
+ * also sets the chunk's output rows to x + b2), GEMM 1, bias + GELU + split (one pass), GEMM 2
+ * accumulating onto the output (beta = 1). The chunk's workspaces (a1: chunk x 3C bf16, h: chunk x N
+ * float32, a2: chunk x 3N bf16) stay in cache.
  *
- * Each GEMM input a is split into hi = bf16(a), lo = bf16(a - hi) and written as [hi | lo | hi] per row;
- * the packed weights are [W_hi; W_hi; W_lo] (3K x N), so one bf16 GEMM with float32 accumulation and a
- * float32 output (MKL's cblas_gemm_bf16bf16f32, passed in as `gemm`) sums hi W_hi + lo W_hi + hi W_lo.
+ * bf16x3_linear: out = relu?(a @ W + bias) over rows (a 1x1 conv on a channels-last map): per chunk, split,
+ * GEMM, then bias + ReLU on the chunk's output rows.
  *
- * Rows go in chunks of `chunk`; each chunk is LayerNorm + split (one pass, which also sets the chunk's
- * output rows to x + b2), GEMM 1, bias + GELU + split (one pass), GEMM 2 accumulating onto the output
- * (beta = 1). The chunk's workspaces (a1: chunk x 3C bf16, h: chunk x N float32, a2: chunk x 3N bf16)
- * stay in cache. The passes are OpenMP-parallel over rows; MKL threads the GEMMs itself.
+ * The passes are OpenMP-parallel over rows; MKL threads the GEMMs itself.
  *
  * GELU is the erf form, with erf from Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) and exp from a
  * Cephes-style polynomial: the formula of PyTorch's vectorised CPU GELU; its result is split to 16
@@ -120,6 +123,29 @@ void bf16x3_convnext_mlp(float *y, const float *x, long rows, int C, int N, floa
         mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, N, 3 * C, 1.0f, a1, 3 * C, w1, N, 0.0f, h, N);
         gelu_split(h, b1, m, N, tmp, a2, threads);
         mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, C, 3 * N, 1.0f, a2, 3 * N, w2, C, 1.0f, ys, C);
+    }
+}
+
+void bf16x3_linear(const float *a, long rows, int K, int N, const uint16_t *w, const float *bias, int relu,
+                   float *out, long chunk, uint16_t *abuf, void *gemm, int threads) {
+    gemm_bf16bf16f32_t mm = (gemm_bf16bf16f32_t)gemm;
+    for (long s = 0; s < rows; s += chunk) {
+        long m = rows - s < chunk ? rows - s : chunk;
+        float *o = out + s * N;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (long r = 0; r < m; r++) split_row(a + (s + r) * K, K, abuf + r * 3 * K);
+        mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, N, 3 * K, 1.0f, abuf, 3 * K, w, N, 0.0f, o, N);
+        if (bias || relu) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (long r = 0; r < m; r++) {
+                float *orow = o + r * N;
+#pragma omp simd
+                for (int i = 0; i < N; i++) {
+                    float v = orow[i] + (bias ? bias[i] : 0.0f);
+                    orow[i] = relu && v < 0.0f ? 0.0f : v;
+                }
+            }
+        }
     }
 }
 

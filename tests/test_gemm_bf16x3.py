@@ -1,4 +1,4 @@
-"""The ConvNeXt block MLP as split-bfloat16 GEMMs (kernels/mlp_bf16x3.py, csrc/mlp_bf16x3.c): against a
+"""The ConvNeXt block MLP as split-bfloat16 GEMMs (kernels/gemm_bf16x3.py, csrc/gemm_bf16x3.c): against a
 float64 block on odd shapes, its GELU against float64, bad input, the choice (dispatch.mlp_bf16x3_choice)
 and whole-model parity with transformers when forced on. MKL's bfloat16 GEMM also runs (emulated, slowly)
 on CPUs without AMX, so the numerics are checked on every CPU that has it."""
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import upernet_fast
 from conftest import compare_logits, make_reference
 from upernet_fast import dispatch, tuning
-from upernet_fast.kernels import mlp_bf16x3 as mx
+from upernet_fast.kernels import gemm_bf16x3 as mx
 from upernet_fast.kernels import native
 
 runs_here = pytest.mark.skipif(
@@ -103,8 +103,8 @@ def test_choice_rules(monkeypatch):
     assert off[0] is False and "switched off" in off[1]
     assert "erf GELU only" in dispatch.mlp_bf16x3_choice(plan, x, 1536, "relu")[1]
     assert "CPU float32" in dispatch.mlp_bf16x3_choice(plan, x.double(), 1536, "gelu")[1]
-    monkeypatch.setattr(mx, "mlp_bf16x3_blocker", lambda t: None)
-    monkeypatch.setattr(dispatch, "mlp_bf16x3_blocker", lambda t: None)
+    monkeypatch.setattr(mx, "gemm_bf16x3_blocker", lambda t: None)
+    monkeypatch.setattr(dispatch, "gemm_bf16x3_blocker", lambda t: None)
     monkeypatch.setattr(dispatch, "amx_bf16", lambda: False)
     assert "no AMX-BF16" in dispatch.mlp_bf16x3_choice(plan, x, 1536, "gelu")[1]
     monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
@@ -136,3 +136,57 @@ def test_model_with_bf16x3_mlps_matches_transformers(monkeypatch, split):
     assert all("default rule" in p["why"] for p in mlps), mlps
     strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
     assert not any("bf16x3" in p["impl"] for p in strict if "(MLP)" in p["part"])
+
+
+@runs_here
+@pytest.mark.parametrize(
+    "k,n,b,h,w,relu,with_bias",
+    [(37, 29, 2, 23, 29, True, True), (96, 150, 1, 7, 9, False, True), (40, 70, 1, 5, 3, False, False)],
+)  # 1334 rows: two chunks
+def test_conv1x1_bf16x3_matches_float64(k, n, b, h, w, relu, with_bias):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, k, h, w, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(n, k, 1, 1, generator=g) / k**0.5
+    bias = torch.randn(n, generator=g) if with_bias else None
+    ref = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double())
+    ref = ref.relu() if relu else ref
+    y = mx.conv1x1_bf16x3(x, mx.pack_weight(weight.flatten(1)), bias, relu)
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-5, err  # measured 3-5e-6
+    plain = F.conv2d(x.bfloat16().double(), weight.bfloat16().double())  # one plain bf16 pass
+    plain = plain + bias.double().view(1, -1, 1, 1) if with_bias else plain
+    plain = plain.relu() if relu else plain
+    assert ((plain - ref).abs().max() / ref.abs().max()).item() > 10 * err
+
+
+@runs_here
+def test_conv1x1_bf16x3_refuses_bad_input():
+    x = torch.randn(1, 8, 4, 5).contiguous(memory_format=CL)
+    packed = mx.pack_weight(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="channels-last"):
+        mx.conv1x1_bf16x3(x.contiguous(), packed, None, False)
+    with pytest.raises(ValueError, match=r"pack_weight\(\) of an \(N, 8\) weight"):
+        mx.conv1x1_bf16x3(x, mx.pack_weight(torch.randn(6, 7)), None, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        mx.conv1x1_bf16x3(x, packed, torch.zeros(5), False)
+    with pytest.raises(ValueError, match="CPU float32"):
+        mx.conv1x1_bf16x3(x.bfloat16(), packed, None, False)
+    with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
+        mx.conv1x1_bf16x3(torch.randn(8, 4), packed, None, False)
+
+
+def test_1x1_choice_rule(monkeypatch):
+    ops = dispatch.ops_for("torch", "cpu", tune=False, bf16x3=True)
+    monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
+    monkeypatch.setattr(dispatch, "gemm_bf16x3_blocker", lambda t: None)
+    channels, pixels = dispatch.BF16X3_1X1_WINS
+    x = torch.zeros(1, channels, 16, pixels // 16).contiguous(memory_format=CL)
+    w = torch.zeros(channels, channels, 1, 1)
+    assert dispatch.bf16x3_choice(ops, x, w, 0)[0] is True
+    assert dispatch.bf16x3_choice(ops, x[:, :, :8], w, 0)[0] is False  # too few pixels
+    assert dispatch.bf16x3_choice(ops, x, w[: channels - 1], 0)[0] is False  # too few channels
+    nchw = dispatch.bf16x3_choice(ops, torch.zeros(1, channels, 16, 16), w, 0)
+    assert nchw[0] is False and "channels-last" in nchw[1]
+    off = dispatch.ops_for("torch", "cpu", tune=False, bf16x3=False)
+    assert dispatch.bf16x3_choice(off, x, w, 0)[0] is False
