@@ -1,15 +1,41 @@
 /* Bilinear resize of float32 planes to a contiguous NCHW output (see resize.py).
  *
  * Separable: each input row is resized horizontally once into a per-thread buffer (h x W), then every output
- * row blends two of those rows, a contiguous pass that vectorises (-O3) and streams the output. Indices and
+ * row blends two of those rows, a contiguous pass that streams the output (non-temporal stores). Indices and
  * weights come from the caller (ATen's source-index rule, `_common.bilinear_indices`), so the sampling
  * positions are PyTorch's; the sums are evaluated in another order than ATen's per-pixel formula (which
  * the compiler may contract into FMAs), so results match F.interpolate to about an ulp, often bitwise. The input may have any strides (channels-last logits need no
  * copy); planes (b, c) are split across `threads` OpenMP threads.
  */
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "bf16.h"
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+/* o = t0 * a + t1 * b over a row of W floats, with non-temporal (streaming) stores where the ISA has them:
+ * the logits output (150 x 512 x 512 floats: 157 MB) is written once and not read back by this pass, and
+ * ordinary stores first read every output line into the cache (read-for-ownership), doubling the memory
+ * traffic of a pass that is bound by it. */
+static inline void blend_row(float *o, const float *t0, const float *t1, float a, float b, int W) {
+    int X = 0;
+#if defined(__AVX512F__)
+    for (; X < W && ((uintptr_t)(o + X) & 63); X++) o[X] = t0[X] * a + t1[X] * b;
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    for (; X + 16 <= W; X += 16)
+        _mm512_stream_ps(o + X, _mm512_fmadd_ps(_mm512_loadu_ps(t0 + X), va,
+                                                _mm512_mul_ps(_mm512_loadu_ps(t1 + X), vb)));
+#elif defined(__AVX__)
+    for (; X < W && ((uintptr_t)(o + X) & 31); X++) o[X] = t0[X] * a + t1[X] * b;
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    for (; X + 8 <= W; X += 8)
+        _mm256_stream_ps(o + X, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(t0 + X), va),
+                                              _mm256_mul_ps(_mm256_loadu_ps(t1 + X), vb)));
+#endif
+    for (; X < W; X++) o[X] = t0[X] * a + t1[X] * b;
+}
 
 int resize_bilinear_planes(const float *x, long B, long C, long sb, long sc, long sh, long sw, int h, int w,
                            float *y, int H, int W, const long *i0, const long *i1, const float *l0h,
@@ -33,13 +59,12 @@ int resize_bilinear_planes(const float *x, long B, long C, long sb, long sc, lon
                 for (int X = 0; X < W; X++) o[X] = r[j0[X] * sw] * l0w[X] + r[j1[X] * sw] * l1w[X];
             }
             float *yp = y + p * (long)H * W;
-            for (int Y = 0; Y < H; Y++) {
-                const float *t0 = rows + i0[Y] * W, *t1 = rows + i1[Y] * W;
-                float a = l0h[Y], b = l1h[Y];
-                float *o = yp + (long)Y * W;
-                for (int X = 0; X < W; X++) o[X] = t0[X] * a + t1[X] * b;
-            }
+            for (int Y = 0; Y < H; Y++)
+                blend_row(yp + (long)Y * W, rows + i0[Y] * W, rows + i1[Y] * W, l0h[Y], l1h[Y], W);
         }
+#if defined(__AVX512F__) || defined(__AVX__)
+        _mm_sfence(); /* the streaming stores are visible before the caller reads y */
+#endif
         free(rows);
     }
     return failed;
