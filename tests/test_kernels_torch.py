@@ -524,3 +524,23 @@ def test_large_outputs_are_huge_page_backed(monkeypatch) -> None:
         # The advice itself ("hg") is asserted above; whether the kernel backs it is the host's business
         # (seen: THP "madvise" mode with AnonHugePages 0 system-wide on some VMs of this project's kind).
         pytest.skip(f"the kernel gave no huge pages to an advised fresh 40 MiB mapping: {entries[-1]}")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv1x1_to_nchw_matches_conv2d(with_bias) -> None:
+    """The classifier's NCHW-output GEMM: F.conv2d's values (float32 GEMM rounding) on a channels-last
+    batch of odd size, written as contiguous NCHW; only taken in eager float32 inference."""
+    from upernet_fast.kernels.conv_bn_relu import conv1x1_nchw_possible, conv1x1_to_nchw
+
+    x = cl(rand(2, 37, 13, 17))
+    w, b = rand(11, 37, 1, 1), (rand(11) if with_bias else None)
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double())
+    with torch.no_grad():
+        assert conv1x1_nchw_possible(x, w)
+        y = conv1x1_to_nchw(x, w, b)
+    assert y.is_contiguous() and y.shape == ref.shape
+    assert_close(y, ref.float(), 1e-5 * ref.abs().max().item(), "conv1x1_to_nchw")
+    assert not conv1x1_nchw_possible(x, w)  # autograd on: the plain conv
+    with torch.no_grad():
+        assert not conv1x1_nchw_possible(x.contiguous(), w)  # NCHW input
+        assert not conv1x1_nchw_possible(x.double(), w.double())

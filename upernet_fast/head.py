@@ -20,6 +20,7 @@ from torch import nn
 from . import dispatch
 from .config import UperNetConfig
 from .folding import cached, fold_batchnorm
+from .kernels.conv_bn_relu import conv1x1_nchw_possible, conv1x1_to_nchw
 
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
@@ -175,9 +176,15 @@ class UperNetHead(nn.Module):
         agreement with fp32 (bench/results/decisions.md, "bf16 classifier")."""
         c = self.classifier
         if c.weight.dtype not in _ACCUMULATE_IN_FLOAT32:  # float32/float64: the model's own dtype
-            return c(fused.to(c.weight.dtype))
-        w, b = cached(self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float()))
-        return F.conv2d(fused.float(), w, b)
+            w, b, x = c.weight, c.bias, fused.to(c.weight.dtype)
+        else:
+            w, b = cached(
+                self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float())
+            )
+            x = fused.float()
+        if conv1x1_nchw_possible(x, w):  # the logits go on to the resize as NCHW: write them so directly
+            return conv1x1_to_nchw(x, w, b)
+        return F.conv2d(x, w, b)
 
     def forward(
         self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
