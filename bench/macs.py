@@ -50,6 +50,13 @@ def event_macs(name: str, shapes: list[list[int]]) -> int:
         # The only strided convs in these models are the patchify/downsampling ones (stride = kernel).
         stride = kh if kh == kw and kh in (2, 4) and cin_per_group == shapes[0][1] else 1
         return b * cout * cin_per_group * kh * kw * (h // stride) * (w // stride)
+    # split-bfloat16 GEMMs on AMX (upernet_fast/kernels/gemm_bf16x3.py): MKL called from C, so the op itself
+    # is counted, in bfloat16 MACs (3 per float32 MAC), as conv_bf16x3's oneDNN passes are
+    if name == "upernet_fast::mlp_bf16x3_torch":  # (y, x, w1 (3C, N), b1, w2 (3N, C), b2, eps)
+        rows = shapes[0][0] * shapes[0][2] * shapes[0][3]
+        return rows * (math.prod(shapes[2]) + math.prod(shapes[4]))
+    if name == "upernet_fast::conv1x1_bf16x3_torch":  # (x, packed (3K, N), bias, relu)
+        return shapes[0][0] * shapes[0][2] * shapes[0][3] * math.prod(shapes[1])
     if name == "mkldnn::_linear_pointwise":
         return math.prod(shapes[0][:-1]) * shapes[0][-1] * shapes[1][0]
     if name == "aten::_scaled_dot_product_flash_attention_for_cpu":

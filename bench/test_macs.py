@@ -38,3 +38,22 @@ def test_fast_model_runs_fewer_macs_than_transformers() -> None:
     hf_macs, _ = count_macs(ref, x)
     fast_macs, by_op = count_macs(upernet_fast.load(ref), x)
     assert 0 < fast_macs < hf_macs, by_op
+
+
+def test_counts_the_bf16x3_gemms() -> None:
+    """The split-bfloat16 ops call MKL from C (no PyTorch GEMM op inside): the ops themselves are counted,
+    3 bfloat16 MACs per float32 MAC."""
+    from upernet_fast.kernels import gemm_bf16x3 as mx
+
+    if mx.gemm_bf16x3_blocker(torch.zeros(1)) is not None:
+        import pytest
+
+        pytest.skip("needs the C helpers and MKL's bf16 GEMM")
+    x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+    w1, w2, p = torch.randn(40, 24), torch.randn(24, 40), mx.pack_weight(torch.randn(16, 24))
+    macs, by_op = count_macs(lambda t: mx.conv1x1_bf16x3(t, p, None, False), x)
+    assert by_op == {"upernet_fast::conv1x1_bf16x3_torch": 2 * 5 * 7 * 3 * 24 * 16}, by_op
+    y = torch.empty_like(x)
+    p1, p2, b1, b2 = mx.pack_weight(w1), mx.pack_weight(w2), torch.zeros(40), torch.zeros(24)
+    macs, by_op = count_macs(lambda t: mx.mlp_bf16x3_(y.copy_(t), t, p1, b1, p2, b2, 1e-6), x)
+    assert by_op == {"upernet_fast::mlp_bf16x3_torch": 2 * 5 * 7 * 3 * 2 * 24 * 40}, by_op

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import native
+from ._common import register_ops
 from ._memory import empty_output
 
 __all__ = ["conv1x1_bf16x3", "gemm_bf16bf16f32", "gemm_bf16x3_blocker", "mlp_bf16x3_", "pack_weight"]
@@ -78,7 +79,7 @@ def _rows(t: torch.Tensor, name: str, c: int, op: str = "mlp_bf16x3_") -> None:
         raise ValueError(f"{op}: {name} must be a channels-last (B, {c}, H, W) map, got {tuple(t.shape)}")
 
 
-def mlp_bf16x3_(
+def _mlp_bf16x3_torch(
     y: torch.Tensor,
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -86,10 +87,7 @@ def mlp_bf16x3_(
     w2: torch.Tensor,
     b2: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """In place: ``y <- x + b2 + gelu(layernorm(y) @ W1ᵀ + b1) @ W2ᵀ`` per pixel (affine-free LayerNorm over
-    channels, erf GELU), for channels-last CPU float32 maps ``y`` and ``x`` (B, C, H, W); ``w1 =
-    pack_weight(W1)`` (W1: (N, C)), ``w2 = pack_weight(W2)`` (W2: (C, N)). Returns ``y``."""
+) -> None:
     blocker = gemm_bf16x3_blocker(y)
     if blocker is not None:
         raise ValueError(f"mlp_bf16x3_: {blocker}")
@@ -126,14 +124,11 @@ def mlp_bf16x3_(
         b2.data_ptr(), chunk, a1.data_ptr(), hidden.data_ptr(), a2.data_ptr(), tmp.data_ptr(),
         gemm_bf16bf16f32(), threads,
     )  # fmt: skip
-    return y
 
 
-def conv1x1_bf16x3(
+def _conv1x1_bf16x3_torch(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
-    """``relu?(conv1x1(x, W) + bias)`` of a channels-last CPU float32 map ``x`` (B, K, H, W), with ``packed =
-    pack_weight(W.view(N, K))``; channels-last float32 output (B, N, H, W)."""
     blocker = gemm_bf16x3_blocker(x)
     if blocker is not None:
         raise ValueError(f"conv1x1_bf16x3: {blocker}")
@@ -160,3 +155,39 @@ def conv1x1_bf16x3(
         out.data_ptr(), chunk, abuf.data_ptr(), gemm_bf16bf16f32(), torch.get_num_threads(),
     )  # fmt: skip
     return out.permute(0, 3, 1, 2)
+
+
+def _conv1x1_fake(x, packed, bias, relu):
+    shape = (x.shape[0], packed.shape[1], *x.shape[2:])
+    return torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+
+
+# Registered ops (``upernet_fast::mlp_bf16x3_torch``, ``upernet_fast::conv1x1_bf16x3_torch``): opaque to
+# torch.compile, and the profiler records them with their shapes (bench/macs.py counts their MACs; the MKL
+# calls inside are not PyTorch ops).
+MLP_BF16X3 = register_ops("mlp_bf16x3", {"torch": _mlp_bf16x3_torch}, lambda *a: None, mutates_args=("y",))
+CONV1X1_BF16X3 = register_ops("conv1x1_bf16x3", {"torch": _conv1x1_bf16x3_torch}, _conv1x1_fake)
+
+
+def mlp_bf16x3_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """In place: ``y <- x + b2 + gelu(layernorm(y) @ W1ᵀ + b1) @ W2ᵀ`` per pixel (affine-free LayerNorm over
+    channels, erf GELU), for channels-last CPU float32 maps ``y`` and ``x`` (B, C, H, W); ``w1 =
+    pack_weight(W1)`` (W1: (N, C)), ``w2 = pack_weight(W2)`` (W2: (C, N)). Returns ``y``."""
+    MLP_BF16X3["torch"](y, x, w1, b1, w2, b2, float(eps))
+    return y
+
+
+def conv1x1_bf16x3(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """``relu?(conv1x1(x, W) + bias)`` of a channels-last CPU float32 map ``x`` (B, K, H, W), with ``packed =
+    pack_weight(W.view(N, K))``; channels-last float32 output (B, N, H, W)."""
+    return CONV1X1_BF16X3["torch"](x, packed, bias, bool(relu))
