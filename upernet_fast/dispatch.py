@@ -98,11 +98,12 @@ WINOGRAD_MERGE_MARGIN = 1.15
 # off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
 BF16X3_WINS = (256, 32)
 # 1x1 float32 convs with at least this many input and output channels and pixels run as bf16x3 GEMMs on an
-# AMX CPU when tuning is off (Xeon with AMX-BF16: 1.4x at 192/384/768->512, 1.5-1.8x at 512->4608; 0.9-1.05x for 96->512
-# at 128² and 512->150 at 128², the head's lateral 0 and classifier).
+# AMX CPU when tuning is off (Xeon with AMX-BF16: 1.4x at 192/384/768->512, 1.5-1.8x at 512->4608;
+# 0.9-1.05x for 96->512 and 512->150 at 128², the head's lateral 0 and classifier).
 BF16X3_1X1_WINS = (192, 256)  # (min channels, min output pixels): a handful of rows is weight-bound
 # ConvNeXt block MLPs with at least this many channels run as bf16x3 on an AMX CPU when tuning is off (Xeon
-# with AMX-BF16, ConvNeXt-T blocks: 1.06-1.2x at 96 channels, 1.2-1.3x at 192, 1.5-1.8x at 384, 1.4-1.6x at 768).
+# with AMX-BF16, ConvNeXt-T blocks: 1.06-1.2x at 96 channels, 1.2-1.3x at 192, 1.5-1.8x at 384, 1.2-1.6x
+# at 768).
 MLP_BF16X3_MIN_CHANNELS = 192
 BACKENDS = ("auto", "triton", "torch")
 OPS: dict[str, Callable] = {

@@ -55,8 +55,8 @@ def gemm_bf16bf16f32() -> int | None:
 
 
 def gemm_bf16x3_blocker(x: torch.Tensor) -> str | None:
-    """Why ``mlp_bf16x3_`` / ``conv1x1_bf16x3`` cannot run on ``x`` here, or None when it can. Only whether it is possible: AMX
-    (without it bf16x3 is slower than float32) and the rest are the caller's to check."""
+    """Why ``mlp_bf16x3_`` / ``conv1x1_bf16x3`` cannot run on ``x`` here, or None when it can. Only whether
+    it is possible: AMX (without it bf16x3 is slower than float32) and the rest are the caller's to check."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "bf16x3 GEMMs are for CPU float32"
     if native.library() is None:
