@@ -190,3 +190,23 @@ def test_1x1_choice_rule(monkeypatch):
     assert nchw[0] is False and "channels-last" in nchw[1]
     off = dispatch.ops_for("torch", "cpu", tune=False, bf16x3=False)
     assert dispatch.bf16x3_choice(off, x, w, 0)[0] is False
+
+
+@runs_here
+def test_bf16x3_paths_run_under_inference_mode(monkeypatch):
+    """Under torch.inference_mode the folded weights are inference tensors (no version counter): the packed
+    bf16x3 weights must be keyed by the module's own parameters, not by the folds."""
+    ref = make_reference("convnext", hidden_size=64, num_labels=7)
+    monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
+    monkeypatch.setattr(dispatch, "MLP_BF16X3_MIN_CHANNELS", 0)
+    monkeypatch.setattr(dispatch, "BF16X3_1X1_WINS", (0, 0))
+    fast = upernet_fast.load(ref, tune=False)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        out = fast(x).logits
+        again = fast(x).logits  # the cached packs are reused
+    with torch.no_grad():
+        compare_logits(ref(x).logits, out, 1e-4)
+    assert torch.equal(out, again)
+    assert any("bf16x3" in p["impl"] for p in fast.plan(64, 96) if "(MLP)" in p["part"])
+    assert any(p["impl"].startswith("bf16x3 GEMM") for p in fast.plan(64, 96))

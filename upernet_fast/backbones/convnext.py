@@ -95,14 +95,19 @@ class ConvNextLayer(nn.Module):
             w1, b1, w2, b2 = (t.to(dtype).contiguous() for t in (w1, b1, w2, b2))
             return LinearWeights(w1, b1), LinearWeights(w2, b2)
 
-        sources = [ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma]
-        return cached(self, "mlp", sources, build)
+        return cached(self, "mlp", self._mlp_sources(), build)
+
+    def _mlp_sources(self) -> list[torch.Tensor | None]:
+        """The parameters the folded MLP weights come from (the cache keys of `folded` and `packed_bf16x3`:
+        the module's own tensors, which track versions also when the folds were built in inference mode)."""
+        ln, fc1, fc2 = self.layernorm, self.pwconv1, self.pwconv2
+        return [ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.layer_scale_parameter]
 
     def packed_bf16x3(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The folded MLP weights as ``mlp_bf16x3_`` takes them (built once)."""
         fc1, fc2 = self.folded()
-        sources = [fc1.weight, fc2.weight]
-        return cached(self, "mlp_bf16x3", sources, lambda: (pack_weight(fc1.weight), pack_weight(fc2.weight)))
+        build = lambda: (pack_weight(fc1.weight), pack_weight(fc2.weight))  # noqa: E731
+        return cached(self, "mlp_bf16x3", self._mlp_sources(), build)
 
     def forward(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
         """``bf16x3``: run the MLP as split-bfloat16 GEMMs (``dispatch.mlp_bf16x3_choice`` decided it)."""
