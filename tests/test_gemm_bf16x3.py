@@ -120,18 +120,23 @@ def test_choice_rules(monkeypatch):
 
 
 @runs_here
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
 @pytest.mark.parametrize("split", [True, False])
-def test_model_with_bf16x3_mlps_matches_transformers(monkeypatch, split):
+def test_model_with_bf16x3_mlps_matches_transformers(monkeypatch, split, kind):
     """Forced on for every stage (or off), the whole model stays within the parity tolerance, and the plan
-    says which MLP path ran and why."""
-    ref = make_reference("convnext", hidden_size=64, num_labels=7)
+    says which MLP path ran and why (Swin: the residual is also the LayerNorm's input, in place)."""
+    ref = make_reference(kind, hidden_size=64, num_labels=7)
     monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
     monkeypatch.setattr(dispatch, "MLP_BF16X3_MIN_CHANNELS", 0 if split else 10**6)
     fast = upernet_fast.load(ref, tune=False)
     x = torch.randn(2, 3, 75, 101, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         compare_logits(ref(x).logits, fast(x).logits, 1e-4)
-    mlps = [p for p in fast.plan(75, 101, batch=2) if "(MLP)" in p["part"]]
+    plan = fast.plan(75, 101, batch=2)
+    mlps = [p for p in plan if "(MLP)" in p["part"]]
+    if kind == "swin" and not split:  # Swin notes its MLP as its two Linears, with why not bf16x3
+        mlps = [p for p in plan if p["part"].startswith(("blocks.*.intermediate", "blocks.*.output"))]
+        assert all("not bf16x3: default rule" in p["why"] for p in mlps), mlps
     assert mlps and all(("bf16x3" in p["impl"]) == split for p in mlps), mlps
     assert all("default rule" in p["why"] for p in mlps), mlps
     strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
@@ -193,10 +198,11 @@ def test_1x1_choice_rule(monkeypatch):
 
 
 @runs_here
-def test_bf16x3_paths_run_under_inference_mode(monkeypatch):
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_bf16x3_paths_run_under_inference_mode(monkeypatch, kind):
     """Under torch.inference_mode the folded weights are inference tensors (no version counter): the packed
     bf16x3 weights must be keyed by the module's own parameters, not by the folds."""
-    ref = make_reference("convnext", hidden_size=64, num_labels=7)
+    ref = make_reference(kind, hidden_size=64, num_labels=7)
     monkeypatch.setattr(dispatch, "amx_bf16", lambda: True)
     monkeypatch.setattr(dispatch, "MLP_BF16X3_MIN_CHANNELS", 0)
     monkeypatch.setattr(dispatch, "BF16X3_1X1_WINS", (0, 0))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
+from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear, linear_plan, mlp_rows_, normalize, plain_weights
 
@@ -357,12 +358,28 @@ class SwinLayer(nn.Module):
             lambda: LinearWeights(*_fold_ln_into_linear(ln, fc1.weight, fc1.bias)),
         )
 
-    def _mlp_(self, x: torch.Tensor) -> None:
-        """x (T, C) += MLP(layernorm_after(x)), in place, in row chunks (the 4C hidden stays in cache)."""
+    def _mlp_packed_bf16x3(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc1 (LayerNorm affine folded in) and fc2 as ``mlp_bf16x3_`` takes them, keyed by the module's own
+        parameters (the folds are inference tensors when built under inference_mode)."""
+        ln, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
+        sources = [ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+        build = lambda: (pack_weight(self._fc1_weights().weight), pack_weight(fc2.weight))  # noqa: E731
+        return cached(self, "mlp_bf16x3", sources, build)
+
+    def _mlp_(self, x: torch.Tensor, bf16x3: bool = False) -> None:
+        """x (T, C) += MLP(layernorm_after(x)), in place, in row chunks (the 4C hidden stays in cache);
+        ``bf16x3``: as split-bfloat16 GEMMs in C (``kernels/gemm_bf16x3.py``; the same block MLP as
+        ConvNeXt's, with the residual as the LayerNorm's input)."""
         fc1, fc2 = self._fc1_weights(), self._fc2_weights()
+        if bf16x3:
+            p1, p2 = self._mlp_packed_bf16x3()
+            rows = x.view(1, 1, *x.shape).permute(0, 3, 1, 2)  # (1, C, 1, T): the rows as a channels-last map
+            b2 = fc2.bias if fc2.bias is not None else x.new_zeros(x.shape[1])
+            mlp_bf16x3_(rows, rows, p1, fc1.bias, p2, b2, self.layernorm_after.eps)
+            return
         mlp_rows_(x, x, fc1, fc2, self.layernorm_after.eps, self._fused_act, self.act)
 
-    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_fast(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
         """Inference only (no autograd, no attention weights). x: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         ws, heads = self.window_size, self.num_heads
@@ -404,7 +421,7 @@ class SwinLayer(nn.Module):
                     out[sl] = attend(qkv[sl.start * n : sl.stop * n], mask)
         out = out.reshape(-1, c).index_select(0, scatter)  # un-partition + roll back + crop: (B*H*W, C)
         x = linear(out, self._proj_weights()).add_(tokens)
-        self._mlp_(x)
+        self._mlp_(x, bf16x3)
         return x.view(b, h, w, c)
 
     def _proj_weights(self) -> LinearWeights:
@@ -581,14 +598,14 @@ class SwinBackbone(Backbone):
         # Stages past the deepest selected one change no output unless all hidden states/attentions are wanted.
         last = len(self.encoder.layers) if (output_hidden_states or output_attentions) else self._deepest
         for i, stage in enumerate(self.encoder.layers[:last]):
+            bf16x3 = fast and self._mlp_bf16x3(plan, stage, x)
             if noting and stage.blocks:
-                block = stage.blocks[0]
-                self._note_linears(plan, stage, block.linears(), x, fused=block._fused_act is not None)
+                self._note_blocks(plan, stage, x, bf16x3)
             weights = None
             for j, block in enumerate(stage.blocks):
                 need = output_attentions and j == len(stage.blocks) - 1
                 if fast and not need:
-                    x = block.forward_fast(x)
+                    x = block.forward_fast(x, bf16x3)
                 else:
                     x, weights = block(x, need_weights=need)
             name = f"stage{i + 1}"
@@ -610,6 +627,37 @@ class SwinBackbone(Backbone):
             attentions=tuple(attentions) if attentions is not None else None,
         )
 
+    def _mlp_bf16x3(self, plan: Plan | None, stage: SwinStage, x: torch.Tensor) -> bool:
+        """Whether `stage`'s block MLPs run as bf16x3 on tokens like `x` (B, H, W, C), decided once per plan
+        by `dispatch.mlp_bf16x3_choice`, as ConvNeXt's: the same computation, and the same tuning entry,
+        whose float32 candidate (ConvNeXt's oneDNN MLP) measured faster than Swin's row-chunked Linears
+        (bench/results/decisions.md, "ConvNeXt MLP as oneDNN 1x1 convs")."""
+        if not stage.blocks:
+            return False
+        from ..dispatch import mlp_bf16x3_choice  # (dispatch imports the kernels; no cycle at call time)
+
+        hidden, act = stage.blocks[0].intermediate.dense.out_features, self.config["hidden_act"]
+        tokens = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last
+        if plan is None:
+            return mlp_bf16x3_choice(plan, tokens, hidden, act)[0]
+        return plan.decide(stage, "mlp-bf16x3", lambda: mlp_bf16x3_choice(plan, tokens, hidden, act))[0]
+
+    def _note_blocks(self, plan: Plan, stage: SwinStage, x: torch.Tensor, bf16x3: bool) -> None:
+        """The Linears of `stage`'s blocks (`_note_linears`); with ``bf16x3``, the MLP's two as one bf16x3
+        note, with why (`dispatch.mlp_bf16x3_choice`)."""
+        block = stage.blocks[0]
+        linears = block.linears()
+        why = plan.choices.get((id(stage), "mlp-bf16x3"), (False, ""))[1]
+        fc1 = block._fc1_weights().weight
+        part = f"blocks.*.intermediate/output.dense (MLP): {fc1.shape[1]}->{fc1.shape[0]}, {x.dtype}"
+        mlp = ("intermediate.dense", "output.dense")
+        if bf16x3:
+            linears = [item for item in linears if item[0] not in mlp]
+            impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
+            plan.note(stage, part, impl, f"{why}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3")
+        suffix = {name: f" (not bf16x3: {why})" for name in mlp} if why and not bf16x3 else {}
+        self._note_linears(plan, stage, linears, x, fused=block._fused_act is not None, suffix=suffix)
+
     def _note_linears(
         self,
         plan: Plan,
@@ -617,13 +665,14 @@ class SwinBackbone(Backbone):
         linears: list[tuple[str, LinearWeights, bool]],
         x: torch.Tensor,
         fused: bool = False,
+        suffix: dict[str, str] | None = None,
     ) -> None:
         """One note per Linear kind of `owner` (a stage's blocks share their shapes) on inputs like `x`:
         oneDNN or MKL, from the tests `fused_linear.linear` branches on (`linear_plan`). `fused`: the
-        activation goes to oneDNN as a post-op."""
+        activation goes to oneDNN as a post-op. `suffix`: appended to the why of the named Linears."""
         act = self.config["hidden_act"]
         prefix = "blocks.*." if isinstance(owner, SwinStage) else ""
         for name, lw, activated in linears:
             impl, why = linear_plan(x, lw, act if activated else None, fused and activated)
             shape = f"{lw.weight.shape[1]}->{lw.weight.shape[0]}, {x.dtype}"
-            plan.note(owner, f"{prefix}{name}: {shape}", impl, why)
+            plan.note(owner, f"{prefix}{name}: {shape}", impl, why + (suffix or {}).get(name, ""))
