@@ -30,7 +30,7 @@ from . import native
 from ._common import CONV_POINTWISE, onednn_blocker, register_ops
 from ._memory import empty_output
 
-__all__ = ["bf16x3_possible", "bf16x3_weight", "conv_bf16x3", "split_input"]
+__all__ = ["bf16x3_possible", "bf16x3_weight", "conv_bf16x3", "split_bf16", "split_input"]
 
 
 def bf16x3_possible(x: torch.Tensor) -> bool:
@@ -46,13 +46,18 @@ def bf16x3_possible(x: torch.Tensor) -> bool:
     )
 
 
+def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) = (bf16(t), bf16(t - hi)) of a float32 tensor: the split every bf16x3 operand gets (the C
+    passes compute the same, bitwise)."""
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
 def bf16x3_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Cout, Cin, k, k) float32 -> the bfloat16 channels-last weights of the ``y_hi`` pass, ``W_hi``
     (Cout, Cin, k, k), and of the remainder pass, ``[W_hi, W_lo, W_hi]`` (Cout, 3 Cin, k, k); each
     dense, so no call slices or copies them."""
-    w = weight.float()
-    w_hi = w.to(torch.bfloat16)
-    w_lo = (w - w_hi.float()).to(torch.bfloat16)
+    w_hi, w_lo = split_bf16(weight.float())
     cl = torch.channels_last
     return w_hi.contiguous(memory_format=cl), torch.cat([w_hi, w_lo, w_hi], 1).contiguous(memory_format=cl)
 
@@ -61,14 +66,13 @@ def split_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, [hi, hi, lo]) of a channels-last float32 map, both channels-last bfloat16 (module docstring)."""
     B, C, H, W = x.shape
     cl = torch.channels_last
-    hi = empty_output((B, C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
     x3 = empty_output((B, 3 * C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
     lib = native.library()
     if lib is not None:
+        hi = empty_output((B, C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
         lib.bf16x3_split(x.data_ptr(), hi.data_ptr(), x3.data_ptr(), B * H * W, C, torch.get_num_threads())
         return hi, x3
-    hi.copy_(x)
-    lo = (x - hi.float()).to(torch.bfloat16)
+    hi, lo = split_bf16(x)  # channels-last, as x
     torch.cat([hi, hi, lo], 1, out=x3)
     return hi, x3
 

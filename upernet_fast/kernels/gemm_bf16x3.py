@@ -29,6 +29,7 @@ import torch
 from . import native
 from ._common import register_ops
 from ._memory import empty_output
+from .bf16x3 import split_bf16
 
 __all__ = ["conv1x1_bf16x3", "gemm_bf16bf16f32", "gemm_bf16x3_blocker", "mlp_bf16x3_", "pack_weight"]
 
@@ -68,9 +69,7 @@ def gemm_bf16x3_blocker(x: torch.Tensor) -> str | None:
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) Linear weight -> the (3K, N) row-major bfloat16 GEMM operand ``[W_hi; W_hi; W_lo]`` (Wᵀ split)."""
-    w = weight.detach().float().t()
-    hi = w.to(torch.bfloat16)
-    lo = (w - hi.float()).to(torch.bfloat16)
+    hi, lo = split_bf16(weight.detach().float().t())
     return torch.cat([hi, hi, lo], 0).contiguous()
 
 
