@@ -260,7 +260,7 @@ def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
         return False, "bf16x3 needs a channels-last CPU float32 input with oneDNN"
     if kh == 1:
         blocker = gemm_bf16x3_blocker(x)
-        if blocker is None and not (x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()):
+        if blocker is None and not gemm_possible(x, weight):  # (the 1x1 GEMM's own test: channels-last)
             blocker = "a bf16x3 1x1 conv needs a channels-last input"
         if blocker is not None:
             return False, blocker
