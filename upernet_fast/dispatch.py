@@ -54,6 +54,8 @@ __all__ = [
     "BACKENDS",
     "bf16x3_choice",
     "mlp_bf16x3_choice",
+    "mlp_bf16x3_decided",
+    "note_mlp_bf16x3",
     "bf16x3_default",
     "check_backend",
     "ENV_VAR",
@@ -313,6 +315,22 @@ def mlp_bf16x3_choice(plan: Plan | None, x: torch.Tensor, hidden: int, act: str)
             return use, why
         return default, f"default rule ({why}): {rule}"
     return default, f"default rule: {rule}"
+
+
+def mlp_bf16x3_decided(
+    plan: Plan | None, stage: object, x: torch.Tensor, hidden: int, act: str
+) -> tuple[bool, str]:
+    """``mlp_bf16x3_choice`` for the block MLPs of a backbone ``stage``, made once per plan and replayed
+    (without a plan, i.e. while compiling, decided on the spot)."""
+    if plan is None:
+        return mlp_bf16x3_choice(plan, x, hidden, act)
+    return plan.decide(stage, "mlp-bf16x3", lambda: mlp_bf16x3_choice(plan, x, hidden, act))
+
+
+def note_mlp_bf16x3(plan: Plan, stage: object, part: str, why: str) -> None:
+    """The plan note of a stage whose block MLPs run as bf16x3 (ConvNeXt's and Swin's alike)."""
+    impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
+    plan.note(stage, part, impl, f"{why}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3")
 
 
 def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> int:

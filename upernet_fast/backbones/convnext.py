@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dispatch import mlp_bf16x3_decided, note_mlp_bf16x3
 from ..folding import cached
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
@@ -227,9 +228,9 @@ class ConvNextBackbone(Backbone):
         noting = plan is not None and not plan.frozen and eager
         for stage in self.encoder.stages:
             x = stage.downsample(x)
-            bf16x3 = eager and self._mlp_bf16x3(plan, stage, x)
+            bf16x3, why_bf16x3 = self._mlp_bf16x3(plan, stage, x) if eager else (False, "")
             if noting:
-                self._note_mlp(plan, stage, x, bf16x3)
+                self._note_mlp(plan, stage, x, bf16x3, why_bf16x3)
             for layer in stage.layers:
                 x = layer(x, bf16x3)
             hidden_states.append(x)
@@ -242,34 +243,28 @@ class ConvNextBackbone(Backbone):
             feature_maps=feature_maps, hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
 
-    def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> bool:
-        """Whether `stage`'s MLPs run as bf16x3 on inputs like `x` (the stage's downsampled input), decided
-        once per plan (`dispatch.mlp_bf16x3_choice`)."""
+    def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> tuple[bool, str]:
+        """(bf16x3?, why) for `stage`'s MLPs on inputs like `x` (the stage's downsampled input)."""
         if not stage.layers:
-            return False
-        from ..dispatch import mlp_bf16x3_choice  # (dispatch imports the kernels; no cycle at call time)
+            return False, ""
+        return mlp_bf16x3_decided(
+            plan, stage, x, stage.layers[0].pwconv1.out_features, self.config["hidden_act"]
+        )
 
-        hidden, act = stage.layers[0].pwconv1.out_features, self.config["hidden_act"]
-        if plan is None:
-            return mlp_bf16x3_choice(plan, x, hidden, act)[0]
-        return plan.decide(stage, "mlp-bf16x3", lambda: mlp_bf16x3_choice(plan, x, hidden, act))[0]
-
-    def _note_mlp(self, plan: Plan, stage: ConvNextStage, x: torch.Tensor, bf16x3: bool) -> None:
+    def _note_mlp(
+        self, plan: Plan, stage: ConvNextStage, x: torch.Tensor, bf16x3: bool, why_bf16x3: str
+    ) -> None:
         """The MLP path of `stage`'s layers on inputs like `x` (one note: its layers share shapes and
-        activation): bf16x3 or not (`dispatch.mlp_bf16x3_choice`, why), else from
-        `ConvNextLayer.onednn_mlp_blocker`; on the row-chunked path, its two Linears."""
+        activation): bf16x3 or not (`why_bf16x3`), else from `ConvNextLayer.onednn_mlp_blocker`; on the
+        row-chunked path, its two Linears."""
         if not stage.layers:
             return
         layer, act = stage.layers[0], self.config["hidden_act"]
         fc1, fc2 = layer.folded()
         hidden, dim = fc1.weight.shape
         part = f"layers.*.pwconv1/pwconv2 (MLP): {dim}->{hidden}->{dim}, {x.dtype}"
-        why_bf16x3 = plan.choices.get((id(stage), "mlp-bf16x3"), (False, ""))[1]
         if bf16x3:
-            impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
-            plan.note(
-                stage, part, impl, f"{why_bf16x3}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3"
-            )
+            note_mlp_bf16x3(plan, stage, part, why_bf16x3)
             return
         blocker = layer.onednn_mlp_blocker(x)
         if blocker is None:

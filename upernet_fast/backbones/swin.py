@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dispatch import mlp_bf16x3_decided, note_mlp_bf16x3
 from ..folding import cached
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
@@ -598,9 +599,9 @@ class SwinBackbone(Backbone):
         # Stages past the deepest selected one change no output unless all hidden states/attentions are wanted.
         last = len(self.encoder.layers) if (output_hidden_states or output_attentions) else self._deepest
         for i, stage in enumerate(self.encoder.layers[:last]):
-            bf16x3 = fast and self._mlp_bf16x3(plan, stage, x)
+            bf16x3, why_bf16x3 = self._mlp_bf16x3(plan, stage, x) if fast else (False, "")
             if noting and stage.blocks:
-                self._note_blocks(plan, stage, x, bf16x3)
+                self._note_blocks(plan, stage, x, bf16x3, why_bf16x3)
             weights = None
             for j, block in enumerate(stage.blocks):
                 need = output_attentions and j == len(stage.blocks) - 1
@@ -627,34 +628,27 @@ class SwinBackbone(Backbone):
             attentions=tuple(attentions) if attentions is not None else None,
         )
 
-    def _mlp_bf16x3(self, plan: Plan | None, stage: SwinStage, x: torch.Tensor) -> bool:
-        """Whether `stage`'s block MLPs run as bf16x3 on tokens like `x` (B, H, W, C), decided once per plan
-        by `dispatch.mlp_bf16x3_choice`, as ConvNeXt's: the same computation, and the same tuning entry,
-        whose float32 candidate (ConvNeXt's oneDNN MLP) measured faster than Swin's row-chunked Linears
+    def _mlp_bf16x3(self, plan: Plan | None, stage: SwinStage, x: torch.Tensor) -> tuple[bool, str]:
+        """(bf16x3?, why) for `stage`'s block MLPs on tokens like `x` (B, H, W, C), decided as ConvNeXt's
+        (`dispatch.mlp_bf16x3_decided`): the same computation, and the same tuning entry, whose float32
+        candidate (ConvNeXt's oneDNN MLP) measured faster than Swin's row-chunked Linears
         (bench/results/decisions.md, "ConvNeXt MLP as oneDNN 1x1 convs")."""
         if not stage.blocks:
-            return False
-        from ..dispatch import mlp_bf16x3_choice  # (dispatch imports the kernels; no cycle at call time)
-
+            return False, ""
         hidden, act = stage.blocks[0].intermediate.dense.out_features, self.config["hidden_act"]
-        tokens = x.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last
-        if plan is None:
-            return mlp_bf16x3_choice(plan, tokens, hidden, act)[0]
-        return plan.decide(stage, "mlp-bf16x3", lambda: mlp_bf16x3_choice(plan, tokens, hidden, act))[0]
+        return mlp_bf16x3_decided(plan, stage, x.permute(0, 3, 1, 2), hidden, act)  # (B, C, H, W) view
 
-    def _note_blocks(self, plan: Plan, stage: SwinStage, x: torch.Tensor, bf16x3: bool) -> None:
+    def _note_blocks(self, plan: Plan, stage: SwinStage, x: torch.Tensor, bf16x3: bool, why: str) -> None:
         """The Linears of `stage`'s blocks (`_note_linears`); with ``bf16x3``, the MLP's two as one bf16x3
-        note, with why (`dispatch.mlp_bf16x3_choice`)."""
+        note; without, their notes say why not (`why`)."""
         block = stage.blocks[0]
         linears = block.linears()
-        why = plan.choices.get((id(stage), "mlp-bf16x3"), (False, ""))[1]
-        fc1 = block._fc1_weights().weight
-        part = f"blocks.*.intermediate/output.dense (MLP): {fc1.shape[1]}->{fc1.shape[0]}, {x.dtype}"
         mlp = ("intermediate.dense", "output.dense")
         if bf16x3:
             linears = [item for item in linears if item[0] not in mlp]
-            impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
-            plan.note(stage, part, impl, f"{why}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3")
+            fc1 = block._fc1_weights().weight
+            part = f"blocks.*.intermediate/output.dense (MLP): {fc1.shape[1]}->{fc1.shape[0]}, {x.dtype}"
+            note_mlp_bf16x3(plan, stage, part, why)
         suffix = {name: f" (not bf16x3: {why})" for name in mlp} if why and not bf16x3 else {}
         self._note_linears(plan, stage, linears, x, fused=block._fused_act is not None, suffix=suffix)
 
