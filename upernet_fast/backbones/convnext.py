@@ -145,12 +145,30 @@ class ConvNextLayer(nn.Module):
         Also taken in bfloat16 on a native-bf16 CPU: 5% faster end to end there, same logits
         (bench/results/decisions.md, "ConvNeXt MLP"); Swin's bf16 Linears stay on MKL (no gain, and a
         lower argmax agreement through oneDNN)."""
-        w1, w2 = fc1.weight[:, :, None, None], fc2.weight[:, :, None, None]  # views: 1x1 conv weights
-        y = normalize(self.dwconv(x).permute(0, 2, 3, 1), self.layernorm.eps).permute(0, 3, 1, 2)
-        attr, algo = self.fused_act
-        one, zero = [1, 1], [0, 0]
-        hidden = _CONV_POINTWISE(y, w1, fc1.bias, zero, one, one, 1, attr, [], algo)
-        return _CONV_POINTWISE.binary(hidden, x, w2, fc2.bias, zero, one, one, 1, "add", None, None, [], None)
+        y = self.dwconv(x)
+        return mlp_onednn(
+            y, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.layernorm.eps, self.fused_act
+        )
+
+
+def mlp_onednn(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    eps: float,
+    fused_act: tuple[str, str],
+) -> torch.Tensor:
+    """x + linear2(act(linear1(norm(y)))) over channels-last maps as two oneDNN 1x1 convs, the activation
+    (``FUSED_ACT`` entry) and the residual add as post-ops; affine-free LayerNorm (folded weights)."""
+    w1, w2 = w1[:, :, None, None], w2[:, :, None, None]  # views: 1x1 conv weights
+    y = normalize(y.permute(0, 2, 3, 1), eps).permute(0, 3, 1, 2)
+    attr, algo = fused_act
+    one, zero = [1, 1], [0, 0]
+    hidden = _CONV_POINTWISE(y, w1, b1, zero, one, one, 1, attr, [], algo)
+    return _CONV_POINTWISE.binary(hidden, x, w2, b2, zero, one, one, 1, "add", None, None, [], None)
 
 
 class ConvNextStage(nn.Module):
