@@ -19,9 +19,10 @@ is the one place that decides when and which: measured on this machine (``uperne
 
 bf16x3 (CPU float32 with AMX, beyond exact): a direct 3x3 conv (not Winograd) can run as split bfloat16 on
 AMX with a float32 result (``kernels/bf16x3.py``, error ~7e-6 relative). ``bf16x3_choice`` decides: only
-with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``). The ConvNeXt block
-MLPs likewise (``kernels/gemm_bf16x3.py``, one MKL bf16 GEMM with a float32 result per Linear;
-``mlp_bf16x3_choice``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
+with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``). 1x1 convs
+(``bf16x3_choice`` too, rule ``BF16X3_1X1_WINS``) and the ConvNeXt and Swin block MLPs
+(``mlp_bf16x3_choice``) likewise, as one MKL bf16 GEMM with a float32 result each
+(``kernels/gemm_bf16x3.py``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
 float32.
 
 Typical use in the model layer::

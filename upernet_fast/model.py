@@ -34,8 +34,8 @@ class FastUperNet(nn.Module):
     ) -> None:
         """`backend`: "auto" | "triton" | "torch" (None: `UPERNET_FAST_BACKEND`, else "auto");
         `winograd`: Winograd for the head's large 3x3 convs on CPU (None: `UPERNET_FAST_WINOGRAD`, else on);
-        `bf16x3`: on AMX CPUs, large direct 3x3 float32 convs as split bfloat16 with a float32 result
-        (~7e-6 relative error; None: `UPERNET_FAST_BF16X3`, else on);
+        `bf16x3`: on AMX CPUs, large direct 3x3 and 1x1 float32 convs and the ConvNeXt/Swin block MLPs as
+        split bfloat16 with a float32 result (~4-7e-6 relative error; None: `UPERNET_FAST_BF16X3`, else on);
         `tune`: measure CPU-dependent choices on this machine once, cached (None: `UPERNET_FAST_TUNE`, else
         on; off: the default rules). All are plain attributes: set them later to switch paths (see
         `upernet_fast.dispatch`, `upernet_fast.tuning`)."""
@@ -353,7 +353,8 @@ def load(
     `backend` ("auto" | "triton" | "torch"; None reads `UPERNET_FAST_BACKEND`), `winograd` (None reads
     `UPERNET_FAST_WINOGRAD`, default on) and `tune` (None reads `UPERNET_FAST_TUNE`, default on: measure
     CPU-dependent choices once per machine) and `bf16x3` (None reads `UPERNET_FAST_BF16X3`, default on: on
-    AMX CPUs, large direct 3x3 float32 convs as split bfloat16) choose the fast paths; see
+    AMX CPUs, large direct 3x3 and 1x1 float32 convs and the block MLPs as split bfloat16) choose the fast
+    paths; see
     `upernet_fast.dispatch`.
     `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
     dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
