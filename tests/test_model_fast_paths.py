@@ -69,14 +69,39 @@ def test_winograd_f6_on_large_maps_matches(wide_reference, monkeypatch):
     monkeypatch.setattr(dispatch, "conv3x3_winograd_pair", pair_spy)
     x = torch.randn(1, 3, 259, 263, generator=torch.Generator().manual_seed(7))  # level 0: 64x65
     with torch.no_grad():
-        report = compare_logits(
-            wide_reference(x).logits, upernet_fast.load(wide_reference)(x).logits, REL_TOL
-        )
+        # float32 taps (bf16x3 off): a merge pays off against those (see the next test for bf16x3 taps)
+        fast = upernet_fast.load(wide_reference, bf16x3=False)
+        report = compare_logits(wide_reference(x).logits, fast(x).logits, REL_TOL)
     # level 0 (64x65) takes F(6x6): fpn_convs[0]; levels 1, 2 F(4x4) ...
     assert calls == [("F6", 1, 256, 64, 65), (1, 256, 32, 32), (1, 256, 16, 16)], calls
     # ... and fpn_bottleneck's level-0 group, with level 1 upsampled and merged into it (F(6x6), 2x up)
     assert pairs == [(64, (1, 256, 64, 65), (1, 256, 64, 65))], pairs
     print(f"F(6x6) model {report}")
+
+
+def test_merge_rule_counts_bf16x3_taps():
+    """A 2x-upsampled group merges into an F(6x6) conv against float32 taps (9 vs 7.1 GEMM rows per
+    low-resolution pixel), not against bf16x3 taps (9 / 1.5 = 6); never with F(4x4) or 4x upsampling."""
+    assert dispatch.merge_into_winograd(6, (64, 64), (128, 128))
+    assert not dispatch.merge_into_winograd(6, (64, 64), (128, 128), taps_bf16x3=True)
+    assert not dispatch.merge_into_winograd(4, (64, 64), (128, 128))
+    assert not dispatch.merge_into_winograd(6, (32, 32), (128, 128))
+    assert not dispatch.merge_into_winograd(0, (64, 64), (128, 128))
+
+
+@pytest.mark.skipif(not dispatch.amx_bf16(), reason="bf16x3 taps need a CPU with AMX-BF16")
+def test_bf16x3_taps_stay_unmerged_and_match(wide_reference, monkeypatch):
+    monkeypatch.delenv(dispatch.WINOGRAD_ENV_VAR, raising=False)
+    pairs: list[tuple] = []
+    monkeypatch.setattr(dispatch, "conv3x3_winograd_pair", lambda *a, **k: pairs.append(a))
+    x = torch.randn(1, 3, 259, 263, generator=torch.Generator().manual_seed(7))  # level 1: 32x32
+    fast = upernet_fast.load(wide_reference, bf16x3=True, tune=False)
+    with torch.no_grad():
+        report = compare_logits(wide_reference(x).logits, fast(x).logits, REL_TOL)
+    assert pairs == []
+    notes = {row["part"]: row["impl"] for row in fast.plan(259, 263)}
+    assert "bf16x3" in notes["taps0_32x32: 256->2304 1x1 @ 32x32, torch.float32"], notes
+    print(f"unmerged bf16x3 taps {report}")
 
 
 def test_winograd_tile_rule():

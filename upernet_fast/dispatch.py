@@ -97,6 +97,10 @@ WINOGRAD_F6_MIN_SIDE = 64
 # (9 vs 7.1 rows per low-res pixel) is merged, with F(4x4) (9 vs 9) and from 4x upsampling (9 vs 28) not.
 # A flop-count rule (the GEMMs dominate on every CPU measured), not tuned.
 WINOGRAD_MERGE_MARGIN = 1.15
+# ... where the group's taps conv runs as a bf16x3 GEMM (AMX), a tap row costs about this much less than a
+# float32 one (Xeon with AMX-BF16, 512->4608: 1.57x at 64², 1.63x at 32²), so the 2x-upsampled group stays
+# taps (9 / 1.5 = 6 vs 7.1 rows): ConvNeXt-T 512x512 fp32 0.444 -> 0.415 s (bench/results/decisions.md).
+BF16X3_TAPS_SPEEDUP = 1.5
 # (min channels, min map side) from which a direct 3x3 float32 conv runs as bf16x3 on an AMX CPU when tuning is
 # off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
 BF16X3_WINS = (256, 32)
@@ -339,13 +343,17 @@ def winograd_tile(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
     return winograd_choice(ops, x, weight, padding)[0]
 
 
-def merge_into_winograd(tile: int, low_size: tuple[int, ...], size: tuple[int, ...]) -> bool:
+def merge_into_winograd(
+    tile: int, low_size: tuple[int, ...], size: tuple[int, ...], taps_bf16x3: bool = False
+) -> bool:
     """Whether an input group at ``low_size``, upsampled to ``size``, should be convolved at full size
-    inside the F(tile x tile) Winograd conv of the other groups rather than as low-resolution taps."""
+    inside the F(tile x tile) Winograd conv of the other groups rather than as low-resolution taps (whose
+    1x1 conv runs as a bf16x3 GEMM when ``taps_bf16x3``)."""
     if not tile:
         return False
     per_output = ((tile + 2) / tile) ** 2
-    return 9 * low_size[0] * low_size[1] >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
+    taps = 9 * low_size[0] * low_size[1] / (BF16X3_TAPS_SPEEDUP if taps_bf16x3 else 1.0)
+    return taps >= WINOGRAD_MERGE_MARGIN * per_output * size[0] * size[1]
 
 
 def _native_unavailable() -> str:

@@ -29,6 +29,11 @@ def _default_ops(x: torch.Tensor, ops: dispatch.Ops | None) -> dispatch.Ops:
     return dispatch.ops_for(None, x.device) if ops is None else ops
 
 
+def _taps_name(i: int, feat: torch.Tensor) -> str:
+    """Plan/cache name of the taps conv of the ``i``-th low-resolution group ``feat`` of a bottleneck."""
+    return f"taps{i}_{feat.shape[2]}x{feat.shape[3]}"
+
+
 class UperNetConvModule(nn.Module):
     """Conv2d(bias=False) → BatchNorm2d → ReLU; evaluated as one conv with the BN folded in."""
 
@@ -126,12 +131,19 @@ class UperNetHead(nn.Module):
         group is convolved at full size, each low-resolution group is mixed into its nine taps at its own
         size and upsample-shift-added into the same buffer (module docstring). When the direct conv runs as
         Winograd and `dispatch.merge_into_winograd` says so, the first low group is instead upsampled and
-        convolved inside that Winograd conv (fewer GEMM flops than its taps with F(6x6))."""
+        convolved inside that Winograd conv (fewer GEMM flops than its float32 taps with F(6x6); not when the
+        taps run as a bf16x3 GEMM on AMX)."""
         w_direct, bias, w_taps = self._split_bottleneck(module, direct.shape[1], len(low), direct.dtype)
         size = direct.shape[2:]
         name = f"direct{direct.shape[1]}_{len(low)}"
         choice = ops.choice(module, name, direct, w_direct, 1)
-        if low and dispatch.merge_into_winograd(choice[0], low[0].shape[2:], size):
+        merge = bool(low) and dispatch.merge_into_winograd(choice[0], low[0].shape[2:], size)
+        if merge:  # worth it against float32 taps; against taps as a bf16x3 GEMM (AMX) it may not be
+            taps_split = ops.choice(
+                module, f"{_taps_name(0, low[0])}:bf16x3", low[0], w_taps[0], 0, dispatch.bf16x3_choice
+            )[0]
+            merge = dispatch.merge_into_winograd(choice[0], low[0].shape[2:], size, taps_split)
+        if merge:
             first = direct.shape[1]
             up = ops.resize_bilinear(low[0], size).to(direct.dtype)
             merged = lambda: module.folded(direct.dtype)[0][:, : first + self.channels]  # noqa: E731
@@ -152,9 +164,7 @@ class UperNetHead(nn.Module):
                 "low-resolution taps + upsample-shift-add",
                 "exact rewrite (conv3x3 of an upsampled map = shift-add of upsampled taps)",
             )
-            taps = ops.conv(
-                module, f"taps{i}_{feat.shape[2]}x{feat.shape[3]}", module.sources, feat, wt, None, 0, False
-            )
+            taps = ops.conv(module, _taps_name(i, feat), module.sources, feat, wt, None, 0, False)
             out = ops.upsample_shift_add(taps, out.shape[2:], out=out)
         return F.relu_(out)
 
