@@ -15,6 +15,7 @@ import torch
 import upernet_fast
 from conftest import make_reference
 from upernet_fast import dispatch
+from upernet_fast.backbones import convnext
 
 SLACK = 0.003  # argmax agreement may trail transformers-bf16's by at most this fraction of pixels
 REL_TOL = 0.05  # max |logit diff| / max |logit| against fp32 (bf16 keeps 8 bits: ~0.4% per rounding)
@@ -58,6 +59,38 @@ def test_bf16_head_is_the_fast_one_and_matches_its_plain_composition():
     assert ours.dtype == torch.float32
     rel = ((ours.double() - theirs).abs().max() / theirs.abs().max()).item()
     assert rel <= REL_TOL, rel
+
+
+def test_bf16_onednn_convs_use_prepacked_weights(monkeypatch):
+    """In eager bf16 inference the oneDNN convs (the head's 3x3 convs, ConvNeXt's MLP 1x1 convs) run on
+    weights prepacked once in oneDNN's layout; the logits are bitwise those of the dense weights."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    ref = make_reference("convnext", hidden_size=64, num_labels=7)
+    fast = upernet_fast.load(ref, dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 70, 90).bfloat16()
+    with torch.no_grad():
+        ours = fast(x).logits
+    packed = [
+        (name, slot)
+        for name, module in fast.named_modules()
+        for slot, entry in vars(module).items()
+        if slot.startswith(("_folded_onednn_", "_folded_mlp_onednn_"))
+        and any(
+            getattr(t, "layout", None) == torch._mkldnn
+            for t in (entry[1] if isinstance(entry[1], tuple) else [entry[1]])
+        )
+    ]
+    assert any("fpn_convs" in name for name, _ in packed), packed
+    assert any("layers" in name for name, _ in packed), packed
+    for _, module in fast.named_modules():  # drop them: the same forward on dense weights
+        for slot in [s for s in vars(module) if s.startswith(("_folded_onednn_", "_folded_mlp_onednn_"))]:
+            delattr(module, slot)
+    monkeypatch.setattr(dispatch, "onednn_prepacked", lambda w, *a: w)
+    monkeypatch.setattr(convnext, "onednn_prepacked", lambda w, *a: w)
+    with torch.no_grad():
+        dense = fast(x).logits
+    assert torch.equal(ours, dense)
 
 
 def test_load_with_bf16_dtype():

@@ -130,6 +130,36 @@ def test_conv_bn_relu_fused_relu_post_op(k: int, pad: int, dtype: torch.dtype, m
     assert calls == ["relu"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,pad,relu", [(3, 1, False), (3, 1, True), (1, 0, False), (1, 0, True)])
+def test_conv_bn_relu_prepacked_onednn_weight(k: int, pad: int, relu: bool, dtype: torch.dtype) -> None:
+    """A weight prepacked in oneDNN's layout (built once, here under inference mode) gives bitwise the
+    dense weight's conv (ReLU or not), on odd shapes, also in a later no_grad call and at another input
+    size than the one it was packed for; only offered where the oneDNN conv runs."""
+    from upernet_fast.kernels._common import onednn_prepacked
+
+    cbr = importlib.import_module("upernet_fast.kernels.conv_bn_relu")
+    if cbr._CONV_POINTWISE is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN pointwise convolution")
+    x = cl(rand(2, 7, 11, 13)).to(dtype)
+    w, b = rand(9, 7, k, k, seed=1).to(dtype), rand(9, seed=2).to(dtype)
+    with torch.inference_mode():
+        packed = onednn_prepacked(w, x.shape, pad)
+        assert packed.layout == torch._mkldnn
+        y = cbr.conv_bn_relu_torch(x, w, b, pad, relu, onednn_weight=packed)
+    ref = F.conv2d(x, w, b, padding=pad)
+    assert torch.equal(y, ref.relu() if relu else ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    x2 = cl(rand(1, 7, 20, 9, seed=3)).to(dtype)
+    with torch.no_grad():
+        assert cbr.onednn_weight_useful(x2, w, None)
+        y2 = cbr.conv_bn_relu_torch(x2, w, b, pad, relu, onednn_weight=packed)
+        ref2 = F.conv2d(x2, w, b, padding=pad)
+        assert torch.equal(y2, ref2.relu() if relu else ref2)
+        assert not cbr.onednn_weight_useful(x2.contiguous(), w, None)  # NCHW: the plain conv
+    assert not cbr.onednn_weight_useful(x2, w, None)  # autograd on
+
+
 # ------------------------------------------------------------------------------------------------- PPM
 POOL_CASES = [
     ((2, 7, 5, 13), (1, 2, 3, 6)),  # overlapping bins, scale > height

@@ -44,10 +44,10 @@ import torch
 from . import kernels, tuning
 from .folding import cached
 from .kernels import native
-from .kernels._common import env_switch, interpreting, native_bf16, out_memory_format
+from .kernels._common import env_switch, interpreting, native_bf16, onednn_prepacked, out_memory_format
 from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
-from .kernels.conv_bn_relu import gemm_by_default, gemm_possible
+from .kernels.conv_bn_relu import gemm_by_default, gemm_possible, onednn_weight_useful
 from .kernels.gemm_bf16x3 import conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
 from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
 
@@ -525,7 +525,8 @@ class Ops:
             gemm, why = self.choice(owner, name, x, weight, padding, gemm_choice)
             why = f"{why}; {why_split}"
             self._note(owner, name, x, weight, why, "GEMM" if gemm else "oneDNN" if gemm is False else None)
-            return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm)
+            onednn = self._onednn_weight(owner, name, sources, x, weight, padding, gemm)
+            return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm, onednn)
         tile, why = self.choice(owner, name, x, weight, padding)
         if not tile:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
@@ -538,7 +539,24 @@ class Ops:
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
         self._note(owner, name, x, weight, why, f"Winograd F({tile}x{tile})" if tile else None)
-        return self.conv_bn_relu(x, weight, bias, padding, relu, wino)
+        onednn = None if tile else self._onednn_weight(owner, name, sources, x, weight, padding, None)
+        return self.conv_bn_relu(x, weight, bias, padding, relu, wino, None, onednn)
+
+    def _onednn_weight(
+        self,
+        owner: object,
+        name: str,
+        sources: list[torch.Tensor],
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: int,
+        gemm: bool | None,
+    ) -> torch.Tensor | None:
+        """``weight`` prepacked in oneDNN's layout (cached on ``owner``) where the conv runs on oneDNN."""
+        if self.backend_of("conv_bn_relu") != "torch" or not onednn_weight_useful(x, weight, gemm):
+            return None
+        build = lambda: onednn_prepacked(weight.to(x.dtype), x.shape, padding)  # noqa: E731
+        return cached(owner, f"onednn_{name}_{x.dtype}", sources, build)
 
     def conv_pair(
         self,

@@ -229,6 +229,7 @@ def measure_mlp_bf16x3(c: int, hidden: int, h: int, w: int) -> dict[int, float]:
     float32, h x w) as oneDNN float32 1x1 convs (0) and as bf16x3 (1)."""
     from .backbones.convnext import mlp_onednn
     from .backbones.fused_linear import FUSED_ACT
+    from .kernels._common import onednn_prepacked
     from .kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 
     g = torch.Generator().manual_seed(0)
@@ -236,9 +237,12 @@ def measure_mlp_bf16x3(c: int, hidden: int, h: int, w: int) -> dict[int, float]:
     w1, w2 = torch.randn(hidden, c, generator=g) / c**0.5, torch.randn(c, hidden, generator=g) / hidden**0.5
     b1, b2 = torch.randn(hidden, generator=g), torch.randn(c, generator=g)
     p1, p2, y = pack_weight(w1), pack_weight(w2), torch.empty_like(x)
+    # prepacked as the model's own (ConvNextLayer.prepacked_onednn)
+    o1 = onednn_prepacked(w1[:, :, None, None], x.shape)
+    o2 = onednn_prepacked(w2[:, :, None, None], (1, hidden, h, w))
 
     def onednn() -> torch.Tensor:  # on x itself as the dwconv output: the MLP alone is timed
-        return mlp_onednn(x, x, w1, b1, w2, b2, 1e-6, FUSED_ACT["gelu"])
+        return mlp_onednn(x, x, o1, b1, o2, b2, 1e-6, FUSED_ACT["gelu"])
 
     def bf16x3() -> torch.Tensor:
         y.copy_(x)  # stands in for the dwconv output it overwrites (a copy: ~2% of the MLP's time)

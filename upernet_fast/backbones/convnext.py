@@ -22,6 +22,7 @@ from torch import nn
 from ..dispatch import mlp_bf16x3_decided, note_mlp_bf16x3
 from ..folding import cached
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
+from ..kernels._common import onednn_prepacked
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
@@ -146,9 +147,19 @@ class ConvNextLayer(nn.Module):
         (bench/results/decisions.md, "ConvNeXt MLP"); Swin's bf16 Linears stay on MKL (no gain, and a
         lower argmax agreement through oneDNN)."""
         y = self.dwconv(x)
-        return mlp_onednn(
-            y, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.layernorm.eps, self.fused_act
+        w1, w2 = self.prepacked_onednn(x)
+        return mlp_onednn(y, x, w1, fc1.bias, w2, fc2.bias, self.layernorm.eps, self.fused_act)
+
+    def prepacked_onednn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded MLP weights as `_forward_onednn`'s 1x1 conv weights, prepacked for inputs like `x`
+        (built once per dtype)."""
+        fc1, fc2 = self.folded()
+        hidden = (x.shape[0], fc1.weight.shape[0], *x.shape[2:])
+        build = lambda: (  # noqa: E731
+            onednn_prepacked(fc1.weight[:, :, None, None], x.shape),
+            onednn_prepacked(fc2.weight[:, :, None, None], hidden),
         )
+        return cached(self, f"mlp_onednn_{fc1.weight.dtype}", self._mlp_sources(), build)
 
 
 def mlp_onednn(
@@ -162,8 +173,8 @@ def mlp_onednn(
     fused_act: tuple[str, str],
 ) -> torch.Tensor:
     """x + linear2(act(linear1(norm(y)))) over channels-last maps as two oneDNN 1x1 convs, the activation
-    (``FUSED_ACT`` entry) and the residual add as post-ops; affine-free LayerNorm (folded weights)."""
-    w1, w2 = w1[:, :, None, None], w2[:, :, None, None]  # views: 1x1 conv weights
+    (``FUSED_ACT`` entry) and the residual add as post-ops; affine-free LayerNorm (folded weights). ``w1``,
+    ``w2``: 1x1 conv weights, dense or from ``onednn_prepacked``."""
     y = normalize(y.permute(0, 2, 3, 1), eps).permute(0, 3, 1, 2)
     attr, algo = fused_act
     one, zero = [1, 1], [0, 0]

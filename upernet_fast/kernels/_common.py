@@ -11,7 +11,7 @@ evaluates ``l0h * (l0w * x[i0, j0] + l1w * x[i0, j1]) + l1h * (l0w * x[i1, j0] +
 """
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache, lru_cache
 
 import numpy as np
@@ -192,6 +192,22 @@ def native_bf16() -> bool:
 # oneDNN's convolution with fused post-ops (None in builds without it), shared by the ops' 1x1/3x3 convs
 # and the ConvNeXt MLP.
 CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+_REORDER_CONV_WEIGHT = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
+
+
+def onednn_prepacked(
+    weight: torch.Tensor, input_shape: Sequence[int], padding: int = 0, stride: int = 1
+) -> torch.Tensor:
+    """A (Cout, Cin, kh, kw) ``CONV_POINTWISE`` weight for inputs of ``input_shape`` (B, Cin, H, W), in
+    oneDNN's own blocked layout (an opaque mkldnn tensor) where this build can make one, so the conv skips
+    its per-call weight reorder; else ``weight`` itself. Bitwise the same output. Xeon with AMX, bf16:
+    3x3 512->512 at 128² 28.2 -> 25.1 ms, at 32² 2.7 -> 1.9 ms, 768->512 at 16² 2.5 -> 1.0 ms, 1x1
+    3072->768 at 16² 1.22 -> 0.58 ms (bench/results/decisions.md, "Prepacked oneDNN weights"). Eager
+    inference only (the opaque tensor has no autograd and does not trace)."""
+    if _REORDER_CONV_WEIGHT is None or not torch.backends.mkldnn.is_available():
+        return weight
+    p, s, one = [padding, padding], [stride, stride], [1, 1]
+    return _REORDER_CONV_WEIGHT(weight.contiguous().to_mkldnn(), p, s, one, 1, list(input_shape))
 
 
 def onednn_blocker(x: torch.Tensor) -> str | None:

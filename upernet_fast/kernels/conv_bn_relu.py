@@ -157,6 +157,14 @@ def gemm_by_default(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return gemm_possible(x, weight) and c_out >= 256 and b * c_out * h * w * 4 >= MIN_BYTES
 
 
+def onednn_weight_useful(x: torch.Tensor, weight: torch.Tensor, gemm: bool | None) -> bool:
+    """Whether ``conv_bn_relu_torch`` would run ``x`` on oneDNN's conv (not the 1x1 GEMM, not Winograd), in
+    eager inference: then an ``onednn_weight`` prepacked once saves the conv's per-call weight reorder."""
+    if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
+        return False
+    return _relu_post_op_possible(x) and not torch.is_grad_enabled()
+
+
 def _relu_post_op_possible(x: torch.Tensor) -> bool:
     """Whether oneDNN's conv with a fused ReLU post-op runs on ``x``: eager, CPU float32/bfloat16,
     channels-last (its output is channels-last, as ``F.conv2d``'s is for that input), oneDNN on."""
@@ -222,6 +230,7 @@ def conv_bn_relu_torch(
     relu: bool,
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
+    onednn_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _out_shape(x, weight, padding)
     _check_winograd(weight, padding, winograd_weight)
@@ -230,10 +239,11 @@ def conv_bn_relu_torch(
         return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
     if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
         return _conv1x1_gemm(x, weight, bias, relu)
-    if relu and _relu_post_op_possible(x):
+    if (relu or onednn_weight is not None) and _relu_post_op_possible(x):
         bias = None if bias is None else bias.to(x.dtype)
         p, one = [padding, padding], [1, 1]
-        y = _CONV_POINTWISE(x, weight.to(x.dtype), bias, p, one, one, 1, "relu", [], "")
+        w = weight.to(x.dtype) if onednn_weight is None else onednn_weight
+        y = _CONV_POINTWISE(x, w, bias, p, one, one, 1, "relu" if relu else "none", [], "")
         return y.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding)
     if relu:
@@ -249,6 +259,7 @@ def _conv_bn_relu_triton_op(
     relu: bool,
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
+    onednn_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if winograd_weight is not None:
         raise ValueError("conv_bn_relu: the Triton path computes convs directly; pass winograd_weight=None")
@@ -256,7 +267,7 @@ def _conv_bn_relu_triton_op(
 
 
 def _fake(backend: str):
-    def fake(x, weight, bias, padding, relu, winograd_weight=None, gemm=None):
+    def fake(x, weight, bias, padding, relu, winograd_weight=None, gemm=None, onednn_weight=None):
         shape = _out_shape(x, weight, padding)
         _check_winograd(weight, padding, winograd_weight)
         fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
@@ -280,6 +291,7 @@ def conv_bn_relu(
     relu: bool,
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
+    onednn_weight: torch.Tensor | None = None,
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
@@ -287,5 +299,6 @@ def conv_bn_relu(
     ``"torch"`` or ``"triton"`` (choose it with ``upernet_fast.dispatch``). With ``winograd_weight``
     (``winograd.winograd_weight(weight, tile)``) the PyTorch path computes the 3x3 conv by Winograd
     F(tile x tile, 3x3). ``gemm``: run a 1x1 conv on channels-last input as one GEMM (True), on oneDNN
-    (False), or as ``gemm_by_default`` says (None); the Triton path ignores it."""
-    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm)
+    (False), or as ``gemm_by_default`` says (None); the Triton path ignores it. ``onednn_weight``: ``weight``
+    from ``_common.onednn_prepacked`` for the PyTorch path's oneDNN conv (see ``onednn_weight_useful``)."""
+    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm, onednn_weight)
