@@ -574,3 +574,21 @@ def test_conv1x1_to_nchw_matches_conv2d(with_bias) -> None:
     with torch.no_grad():
         assert not conv1x1_nchw_possible(x.contiguous(), w)  # NCHW input
         assert not conv1x1_nchw_possible(x.double(), w.double())
+
+
+@pytest.mark.parametrize("k,pad,winograd", [(3, 1, True), (3, 1, False), (1, 0, False)])
+def test_conv_bn_relu_with_low_is_the_conv_of_the_topdown_sum(k, pad, winograd) -> None:
+    """conv_bn_relu(x, ..., low=low) = conv_bn_relu(topdown_add(x, low), ...) on every PyTorch path (the
+    Winograd transform forms the sum in its gather; the others add first), odd sizes."""
+    from upernet_fast.kernels.winograd import winograd_weight
+
+    x = cl(rand(2, 9, 13, 11))
+    low = cl(rand(2, 9, 7, 6, seed=3))
+    w, b = rand(5, 9, k, k, seed=1), rand(5, seed=2)
+    wino = winograd_weight(w, 6) if winograd else None
+    with torch.no_grad():
+        y = conv_bn_relu(x, w, b, pad, True, wino, low=low)
+        ref = conv_bn_relu(topdown_add(x, low), w, b, pad, True, wino)
+    assert_close(y, ref, 2e-5 * ref.abs().max().item(), "conv_bn_relu(low=)")
+    with pytest.raises(ValueError, match="low must be"):
+        conv_bn_relu(x, w, b, pad, True, wino, low=low[:, :4])

@@ -146,3 +146,28 @@ def test_winograd_pair_is_the_conv_of_the_concatenation(tile, native_path, monke
         conv3x3_winograd(x, winograd_weight(weight, tile), x2=x2[:, :44])
     with pytest.raises(ValueError, match="equal batch and size"):
         conv3x3_winograd(x, winograd_weight(weight, tile), x2=x2[:, :, :5])
+
+
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("native_path", [True, False])
+@pytest.mark.parametrize("low_size", [(10, 12), (7, 23), (19, 23)])  # 2x, uneven, 1x (no resize)
+def test_winograd_with_low_is_the_conv_of_the_topdown_sum(tile, native_path, low_size, monkeypatch):
+    """`low` (UPerNet's top-down add, fused into the C gather): the conv of x + resize_bilinear(low) on odd
+    sizes and channel counts (not multiples of the 64-channel blocks), against float64; also the pair."""
+    if not native_path:
+        monkeypatch.setattr(native, "library", lambda: None)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 70, 19, 23, generator=g).contiguous(memory_format=torch.channels_last)
+    low = torch.randn(2, 70, *low_size, generator=g)  # NCHW: the gather takes any layout
+    weight = torch.randn(33, 70, 3, 3, generator=g) / 25
+    bias = torch.randn(33, generator=g)
+    summed = x.double() + F.interpolate(low.double(), size=(19, 23), mode="bilinear", align_corners=False)
+    ref = F.relu(F.conv2d(summed, weight.double(), bias.double(), padding=1))
+    direct = F.relu(F.conv2d(summed.float(), weight, bias, padding=1)).double()
+    direct_err = (direct - ref).abs().max().item()
+    out = conv3x3_winograd(x, winograd_weight(weight, tile), bias, True, low=low)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    err, scale = (out.double() - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= BOUND[tile] * scale and err <= FACTOR[tile] * direct_err + 1e-6 * scale, (err, direct_err)
+    with pytest.raises(ValueError, match="low must be"):
+        conv3x3_winograd(x, winograd_weight(weight, tile), low=low[:, :5])

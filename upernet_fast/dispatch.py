@@ -49,7 +49,7 @@ from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible, onednn_weight_useful
 from .kernels.gemm_bf16x3 import conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
-from .kernels.winograd import conv3x3_winograd_pair, winograd_weight
+from .kernels.winograd import conv3x3_winograd_pair, winograd_native, winograd_weight
 
 __all__ = [
     "BACKENDS",
@@ -513,9 +513,14 @@ class Ops:
         bias: torch.Tensor | None,
         padding: int,
         relu: bool,
+        low: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``conv_bn_relu`` with the implementation ``winograd_choice`` picks (the Winograd weight built
-        once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan."""
+        once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan.
+        ``low``: the conv of ``x + resize(low)`` (UPerNet's top-down sum), formed inside the Winograd
+        transform where the conv runs as one, else by ``topdown_add`` first."""
+        if low is not None and (weight.shape[-1] == 1 or self.backend_of("conv_bn_relu") != "torch"):
+            x, low = self.topdown_add(x, low), None
         if weight.shape[-1] == 1:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
             if split:
@@ -528,6 +533,8 @@ class Ops:
             onednn = self._onednn_weight(owner, name, sources, x, weight, padding, gemm)
             return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm, onednn)
         tile, why = self.choice(owner, name, x, weight, padding)
+        if low is not None and not (tile and not torch.compiler.is_compiling() and winograd_native(x, low)):
+            x, low = self.topdown_add(x, low), None
         if not tile:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
             why = f"{why}; {why_split}"
@@ -538,9 +545,12 @@ class Ops:
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))
-        self._note(owner, name, x, weight, why, f"Winograd F({tile}x{tile})" if tile else None)
+        impl = f"Winograd F({tile}x{tile})" + (
+            " + top-down add in its input transform" if low is not None else ""
+        )
+        self._note(owner, name, x, weight, why, impl if tile else None)
         onednn = None if tile else self._onednn_weight(owner, name, sources, x, weight, padding, None)
-        return self.conv_bn_relu(x, weight, bias, padding, relu, wino, None, onednn)
+        return self.conv_bn_relu(x, weight, bias, padding, relu, wino, None, onednn, low)
 
     def _onednn_weight(
         self,

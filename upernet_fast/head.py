@@ -61,12 +61,18 @@ class UperNetConvModule(nn.Module):
             self, name, self.sources, lambda: fold_batchnorm(self.conv.weight, None, self.batch_norm, dtype)
         )
 
-    def forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ops: dispatch.Ops | None = None, low: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``low``: of ``x + resize_bilinear(low, x's size)`` (UPerNet's top-down sum; formed inside the conv's
+        Winograd transform where it runs as one, see ``dispatch.Ops.conv``)."""
         w, b = self.folded(x.dtype)  # computes in its input's dtype (the PPM of a bf16 model: float32)
         c = self.conv
+        ops = _default_ops(x, ops)
         if c.dilation != (1, 1) or c.kernel_size[0] not in (1, 3) or c.padding[0] != c.padding[1]:
+            x = x if low is None else ops.topdown_add(x, low)
             return F.relu(F.conv2d(x, w, b, padding=c.padding, dilation=c.dilation))
-        return _default_ops(x, ops).conv(self, "conv", self.sources, x, w, b, c.padding[0], True)
+        return ops.conv(self, "conv", self.sources, x, w, b, c.padding[0], True, low)
 
 
 class UperNetPyramidPoolingBlock(nn.Module):
@@ -203,9 +209,12 @@ class UperNetHead(nn.Module):
         laterals = [conv(encoder_hidden_states[i], ops) for i, conv in enumerate(self.lateral_convs)]
         laterals.append(self.psp_forward(encoder_hidden_states[-1], ops))
         n = len(laterals)
-        for i in range(n - 1, 0, -1):
+        for i in range(n - 1, 1, -1):
             laterals[i - 1] = ops.topdown_add(laterals[i - 1], laterals[i])
-        fpn_outs = [self.fpn_convs[i](laterals[i], ops) for i in range(n - 1)]
+        # level 0's top-down sum is fpn_convs[0]'s input only: formed inside its conv (its Winograd
+        # transform, where it runs as one: the largest map of the head is then never written)
+        fpn_outs = [self.fpn_convs[0](laterals[0], ops, low=laterals[1])]
+        fpn_outs += [self.fpn_convs[i](laterals[i], ops) for i in range(1, n - 1)]
         fused = self._fused_bottleneck(self.fpn_bottleneck, fpn_outs[0], [*fpn_outs[1:], laterals[-1]], ops)
         return self.classify(fused)
 

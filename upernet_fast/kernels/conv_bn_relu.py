@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ._common import CONV_POINTWISE as _CONV_POINTWISE
 from ._common import check_triton_tensors, onednn_blocker, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
+from .fpn import topdown_add_torch, topdown_add_triton
 from .winograd import conv3x3_winograd
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
@@ -231,12 +232,15 @@ def conv_bn_relu_torch(
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
     onednn_weight: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _out_shape(x, weight, padding)
     _check_winograd(weight, padding, winograd_weight)
-    if winograd_weight is not None:
+    if winograd_weight is not None:  # the top-down sum formed in the Winograd gather, never written
         b = None if bias is None else bias.to(x.dtype)
-        return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu)
+        return conv3x3_winograd(x, winograd_weight.to(x.dtype), b, relu, low=low)
+    if low is not None:
+        x = topdown_add_torch(x, low)
     if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
         return _conv1x1_gemm(x, weight, bias, relu)
     if (relu or onednn_weight is not None) and _relu_post_op_possible(x):
@@ -260,14 +264,17 @@ def _conv_bn_relu_triton_op(
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
     onednn_weight: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if winograd_weight is not None:
         raise ValueError("conv_bn_relu: the Triton path computes convs directly; pass winograd_weight=None")
+    if low is not None:
+        x = topdown_add_triton(x, low)
     return conv_bn_relu_triton(x, weight, bias, padding, relu)
 
 
 def _fake(backend: str):
-    def fake(x, weight, bias, padding, relu, winograd_weight=None, gemm=None, onednn_weight=None):
+    def fake(x, weight, bias, padding, relu, winograd_weight=None, gemm=None, onednn_weight=None, low=None):
         shape = _out_shape(x, weight, padding)
         _check_winograd(weight, padding, winograd_weight)
         fmt = out_memory_format(x) if backend == "triton" else _torch_out_format(x, winograd_weight)
@@ -292,6 +299,7 @@ def conv_bn_relu(
     winograd_weight: torch.Tensor | None = None,
     gemm: bool | None = None,
     onednn_weight: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
     *,
     backend: str = "torch",
 ) -> torch.Tensor:
@@ -300,5 +308,11 @@ def conv_bn_relu(
     (``winograd.winograd_weight(weight, tile)``) the PyTorch path computes the 3x3 conv by Winograd
     F(tile x tile, 3x3). ``gemm``: run a 1x1 conv on channels-last input as one GEMM (True), on oneDNN
     (False), or as ``gemm_by_default`` says (None); the Triton path ignores it. ``onednn_weight``: ``weight``
-    from ``_common.onednn_prepacked`` for the PyTorch path's oneDNN conv (see ``onednn_weight_useful``)."""
-    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm, onednn_weight)
+    from ``_common.onednn_prepacked`` for the PyTorch path's oneDNN conv (see ``onednn_weight_useful``).
+    ``low``: convolve ``x + resize_bilinear(low, x's size)`` instead (UPerNet's top-down sum; formed inside
+    the Winograd transform where that runs, else first, as ``topdown_add``)."""
+    if low is not None and (low.dim() != 4 or low.shape[:2] != x.shape[:2]):
+        raise ValueError(
+            f"conv_bn_relu: low must be (B, C, h, w) like x {tuple(x.shape)}, got {tuple(low.shape)}"
+        )
+    return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm, onednn_weight, low)

@@ -53,8 +53,8 @@ _SIGNATURES: dict[str, tuple] = {
     f"wino_f{m}3_{part}": args
     for m in (4, 6)
     for part, args in (
-        # x, sb, sh, sw, H, W, C, row0, rows, tw, n, threads, V, ldv
-        ("input", (_P, _L, _L, _L, _I, _I, _I, _I, _I, _I, _L, _I, _P, _L)),
+        # x, sb, sh, sw, H, W, C, row0, rows, tw, n, threads, V, ldv, lo, lb, lh, lw, ij[4], lam[4]
+        ("input", (_P, _L, _L, _L, _I, _I, _I, _I, _I, _I, _L, _I, _P, _L, _P, _L, _L, _L, _P, _P)),
         # M, n, Co, row0, rows, tw, threads, bias, relu, y, ob, oh, ow, H, W
         ("output", (_P, _L, _I, _I, _I, _I, _I, _P, _I, _P, _L, _L, _L, _I, _I)),
     )

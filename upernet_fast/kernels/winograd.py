@@ -20,11 +20,14 @@ channels: 2-4e-6, 4-6e-6 and 2-8e-7).
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import native
+from ._common import bilinear_indices
 from ._memory import empty_output
 
 
@@ -148,20 +151,33 @@ def conv3x3_winograd(
     bias: torch.Tensor | None = None,
     relu: bool = False,
     x2: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """3x3 conv, padding 1, of NCHW `x` with filters `u` from `winograd_weight` (its shape says F(4x4) or
     F(6x6)); returns a channels-last tensor (NCHW logical shape). With `x2` (same batch and size), the conv
-    of their channel concatenation, which is never built. Tile transforms in C (`native.py`) for CPU
-    float32 when they built, else in PyTorch."""
+    of their channel concatenation, which is never built. With `low` (same batch and channels as `x`, any
+    size), the conv of ``x + resize_bilinear(low, x's size)`` (UPerNet's top-down sum), which the C
+    transform forms while gathering its tiles, so it is never written. Tile transforms in C (`native.py`)
+    for CPU float32 when they built, else in PyTorch."""
     groups = [x] if x2 is None else [x, x2]
     _check_groups(groups, u)
-    if (
-        x.device.type == "cpu"
-        and all(g.dtype == torch.float32 for g in groups)
-        and native.library() is not None
-    ):
-        return _conv3x3_winograd_native(groups, u, bias, relu)
+    if low is not None and (low.dim() != 4 or low.shape[:2] != x.shape[:2]):
+        raise ValueError(
+            f"Winograd: low must be (B, C, h, w) like x {tuple(x.shape)}, got {tuple(low.shape)}"
+        )
+    if winograd_native(*groups, *([] if low is None else [low])):
+        return _conv3x3_winograd_native(groups, u, bias, relu, low)
+    if low is not None:
+        x = x + F.interpolate(low.to(x.dtype), size=x.shape[2:], mode="bilinear", align_corners=False)
     return _conv3x3_winograd_torch(x if x2 is None else torch.cat([x, x2.to(x.dtype)], 1), u, bias, relu)
+
+
+def winograd_native(*inputs: torch.Tensor) -> bool:
+    """Whether ``conv3x3_winograd`` on these inputs runs the C transforms: CPU float32, C helpers built."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in inputs)
+        and native.library() is not None
+    )
 
 
 def _check_groups(groups: list[torch.Tensor], u: torch.Tensor) -> None:
@@ -185,8 +201,31 @@ def _blocks(x: torch.Tensor, u: torch.Tensor) -> tuple[WinogradSpec, int, int, i
     return spec, th, tw, max(1, min(th, TARGET_TILES // max(1, batch * tw)))
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) view of NCHW `t` with unit channel stride (the C gather reads channel vectors)."""
+    tn = t.permute(0, 2, 3, 1)
+    return tn if tn.stride(3) == 1 else t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _upsample_args(low: torch.Tensor | None, h: int, w: int) -> tuple:
+    """The C input transform's (lo, lb, lh, lw, ij, lam) arguments for adding ``resize(low)`` (or nulls),
+    and the tensors they point into, which must outlive the call."""
+    if low is None:
+        return None, 0, 0, 0, None, None, None
+    ln = _nhwc(low)
+    i0, i1, l0h, l1h = bilinear_indices(low.shape[2], h, torch.float32, "cpu")
+    j0, j1, l0w, l1w = bilinear_indices(low.shape[3], w, torch.float32, "cpu")
+    ij = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in (i0, i1, j0, j1)))
+    lam = (ctypes.c_void_p * 4)(*(t.data_ptr() for t in (l0h, l1h, l0w, l1w)))
+    return ln.data_ptr(), *ln.stride()[:3], ij, lam, (ln, i0, i1, j0, j1, l0h, l1h, l0w, l1w)
+
+
 def _conv3x3_winograd_native(
-    groups: list[torch.Tensor], u: torch.Tensor, bias: torch.Tensor | None, relu: bool
+    groups: list[torch.Tensor],
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     lib = native.library()
     x = groups[0]
@@ -199,11 +238,9 @@ def _conv3x3_winograd_native(
     nhwc = []
     offset = 0
     for g in groups:
-        gn = g.permute(0, 2, 3, 1)
-        if gn.stride(3) != 1:
-            gn = g.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        nhwc.append((gn, offset))
+        nhwc.append((_nhwc(g), offset))
         offset += g.shape[1]
+    lo, lb, lh, lw, ij, lam, _keep = _upsample_args(low, h, w)
     u = u.contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     out = empty_output((batch, h, w, cout), dtype=x.dtype, device=x.device)
@@ -215,10 +252,11 @@ def _conv3x3_winograd_native(
         r = min(rows, th - r0)
         n = batch * r * tw
         v, m = transformed[: p2 * n * cin].view(p2, n, cin), products[: p2 * n * cout].view(p2, n, cout)
-        for gn, c0 in nhwc:  # each group into its channel columns of v
+        for k, (gn, c0) in enumerate(nhwc):  # each group into its channel columns of v
+            up = (lo, lb, lh, lw, ij, lam) if k == 0 else (None, 0, 0, 0, None, None)  # low adds to x only
             transform_in(
                 gn.data_ptr(), *gn.stride()[:3], h, w, gn.shape[3], r0, r, tw, n, threads,
-                v.data_ptr() + c0 * v.element_size(), cin,
+                v.data_ptr() + c0 * v.element_size(), cin, *up,
             )  # fmt: skip
         torch.bmm(v, u, out=m)  # (m+2)² GEMMs (tiles x Cin) @ (Cin x Cout)
         transform_out(

@@ -82,11 +82,26 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
     }
 }
 
-/* wino_f{M}3_input: gather + Bᵀ d B of tiles [0, n) into V.
+/* dst[c] += resize_bilinear(lo)[yy, xx, c] for c < cb (UPerNet's top-down add, fused into the gather): lo
+ * (h, w, C) at row / column strides lh / lw; ij = {i0, i1, j0, j1} (long), lam = {l0h, l1h, l0w, l1w} (float),
+ * ATen's source indices and weights per output row / column (`_common.bilinear_indices`), evaluated in
+ * ATen's order. */
+static inline void add_upsampled(float *dst, const float *lo, long lh, long lw, const long *const *ij,
+                                 const float *const *lam, int yy, int xx, int cb) {
+    const float *r0 = lo + ij[0][yy] * lh, *r1 = lo + ij[1][yy] * lh;
+    const float *p00 = r0 + ij[2][xx] * lw, *p01 = r0 + ij[3][xx] * lw;
+    const float *p10 = r1 + ij[2][xx] * lw, *p11 = r1 + ij[3][xx] * lw;
+    float a0 = lam[0][yy], a1 = lam[1][yy], w0 = lam[2][xx], w1 = lam[3][xx];
+    for (int c = 0; c < cb; c++) dst[c] += a0 * (w0 * p00[c] + w1 * p01[c]) + a1 * (w0 * p10[c] + w1 * p11[c]);
+}
+
+/* wino_f{M}3_input: gather + Bᵀ d B of tiles [0, n) into V; with `lo`, the input is x + resize(lo)
+ * (add_upsampled), so the top-down sum is never written.
  * wino_f{M}3_output: Aᵀ m A of tiles [0, n) of M, + bias, ReLU, scattered into y (clipped at the edges). */
 #define WINOGRAD(M, BT, AT, BUFFERED)                                                                       \
     void wino_f##M##3_input(const float *x, long sb, long sh, long sw, int H, int W, int C, int row0,       \
-                            int rows, int tw, long n, int threads, float *V, long ldv) {                    \
+                            int rows, int tw, long n, int threads, float *V, long ldv, const float *lo,     \
+                            long lb, long lh, long lw, const long *const *ij, const float *const *lam) {    \
         enum { A = M + 2 };                                                                                 \
         _Pragma("omp parallel num_threads(threads)") {                                                      \
             /* one tile's A*A transformed channel vectors, then copied out point by point: each row of V */ \
@@ -108,8 +123,10 @@ static inline void at_6(const float *in, long is, float *out, long os, int cb) {
                             float *dst = d + (u * A + v) * CB;                                              \
                             if (yy < 0 || yy >= H || xx < 0 || xx >= W)                                     \
                                 memset(dst, 0, sizeof(float) * cb);                                         \
-                            else                                                                            \
+                            else {                                                                          \
                                 memcpy(dst, x + b * sb + yy * sh + xx * sw + c0, sizeof(float) * cb);       \
+                                if (lo != NULL) add_upsampled(dst, lo + b * lb + c0, lh, lw, ij, lam, yy, xx, cb); \
+                            }                                                                               \
                         }                                                                                   \
                     }                                                                                       \
                     /* along the rows u of each column v: tmp[k][v] */                                      \
