@@ -519,7 +519,7 @@ class Ops:
         once and cached on ``owner`` under ``name``, rebuilt when ``sources`` change), noted for the plan.
         ``low``: the conv of ``x + resize(low)`` (UPerNet's top-down sum), formed inside the Winograd
         transform where the conv runs as one, else by ``topdown_add`` first."""
-        if low is not None and (weight.shape[-1] == 1 or self.backend_of("conv_bn_relu") != "torch"):
+        if low is not None and not self._topdown_in_winograd(owner, name, x, weight, padding, low):
             x, low = self.topdown_add(x, low), None
         if weight.shape[-1] == 1:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
@@ -533,8 +533,6 @@ class Ops:
             onednn = self._onednn_weight(owner, name, sources, x, weight, padding, gemm)
             return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm, onednn)
         tile, why = self.choice(owner, name, x, weight, padding)
-        if low is not None and not (tile and not torch.compiler.is_compiling() and winograd_native(x, low)):
-            x, low = self.topdown_add(x, low), None
         if not tile:
             split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
             why = f"{why}; {why_split}"
@@ -551,6 +549,19 @@ class Ops:
         self._note(owner, name, x, weight, why, impl if tile else None)
         onednn = None if tile else self._onednn_weight(owner, name, sources, x, weight, padding, None)
         return self.conv_bn_relu(x, weight, bias, padding, relu, wino, None, onednn, low)
+
+    def _topdown_in_winograd(
+        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, padding: int, low: torch.Tensor
+    ) -> bool:
+        """Whether ``conv``'s top-down sum ``x + resize(low)`` is formed inside its Winograd input transform:
+        a 3x3 conv that runs as Winograd with the C transforms (PyTorch backend, eager)."""
+        if (
+            weight.shape[-1] != 3
+            or self.backend_of("conv_bn_relu") != "torch"
+            or torch.compiler.is_compiling()
+        ):
+            return False
+        return bool(self.choice(owner, name, x, weight, padding)[0]) and winograd_native(x, low)
 
     def _onednn_weight(
         self,
