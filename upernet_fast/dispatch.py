@@ -522,7 +522,7 @@ class Ops:
         if low is not None and not self._topdown_in_winograd(owner, name, x, weight, padding, low):
             x, low = self.topdown_add(x, low), None
         if weight.shape[-1] == 1:
-            split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
+            split, why_split = self.split_choice(owner, name, x, weight, padding)
             if split:
                 packed = cached(owner, f"bf16x3_{name}", sources, lambda: pack_weight(weight.flatten(1)))
                 self._note(owner, name, x, weight, why_split, "bf16x3 GEMM (split bfloat16 on AMX)")
@@ -534,7 +534,7 @@ class Ops:
             return self.conv_bn_relu(x, weight, bias, padding, relu, None, gemm, onednn)
         tile, why = self.choice(owner, name, x, weight, padding)
         if not tile:
-            split, why_split = self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
+            split, why_split = self.split_choice(owner, name, x, weight, padding)
             why = f"{why}; {why_split}"
             if split:
                 pair = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
@@ -617,6 +617,13 @@ class Ops:
         if self.plan is None:
             return decide(self, x, weight, padding)
         return self.plan.decide(owner, name, lambda: decide(self, x, weight, padding))
+
+    def split_choice(
+        self, owner: object, name: str, x: torch.Tensor, weight: torch.Tensor, padding: int
+    ) -> tuple[bool, str]:
+        """``bf16x3_choice`` for ``conv``'s conv ``name`` of ``owner``, made once per plan (the one that
+        ``conv`` replays when it runs that conv)."""
+        return self.choice(owner, f"{name}:bf16x3", x, weight, padding, bf16x3_choice)
 
     def note(self, owner: object, part: str, impl: str, why: str) -> None:
         """Record one decision in the plan being built (no-op once it is frozen, or without a plan)."""

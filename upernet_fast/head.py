@@ -145,9 +145,7 @@ class UperNetHead(nn.Module):
         choice = ops.choice(module, name, direct, w_direct, 1)
         merge = bool(low) and dispatch.merge_into_winograd(choice[0], low[0].shape[2:], size)
         if merge:  # worth it against float32 taps; against taps as a bf16x3 GEMM (AMX) it may not be
-            taps_split = ops.choice(
-                module, f"{_taps_name(0, low[0])}:bf16x3", low[0], w_taps[0], 0, dispatch.bf16x3_choice
-            )[0]
+            taps_split = ops.split_choice(module, _taps_name(0, low[0]), low[0], w_taps[0], 0)[0]
             merge = dispatch.merge_into_winograd(choice[0], low[0].shape[2:], size, taps_split)
         if merge:
             first = direct.shape[1]

@@ -33,7 +33,7 @@ from ._common import CONV_POINTWISE as _CONV_POINTWISE
 from ._common import check_triton_tensors, onednn_blocker, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .fpn import topdown_add_torch, topdown_add_triton
-from .winograd import conv3x3_winograd
+from .winograd import check_low, conv3x3_winograd
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_triton", "conv_bn_relu_torch"]
 
@@ -311,8 +311,5 @@ def conv_bn_relu(
     from ``_common.onednn_prepacked`` for the PyTorch path's oneDNN conv (see ``onednn_weight_useful``).
     ``low``: convolve ``x + resize_bilinear(low, x's size)`` instead (UPerNet's top-down sum; formed inside
     the Winograd transform where that runs, else first, as ``topdown_add``)."""
-    if low is not None and (low.dim() != 4 or low.shape[:2] != x.shape[:2]):
-        raise ValueError(
-            f"conv_bn_relu: low must be (B, C, h, w) like x {tuple(x.shape)}, got {tuple(low.shape)}"
-        )
+    check_low(x, low, "conv_bn_relu")
     return CONV_BN_RELU[backend](x, weight, bias, padding, relu, winograd_weight, gemm, onednn_weight, low)

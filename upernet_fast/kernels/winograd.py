@@ -161,15 +161,18 @@ def conv3x3_winograd(
     for CPU float32 when they built, else in PyTorch."""
     groups = [x] if x2 is None else [x, x2]
     _check_groups(groups, u)
-    if low is not None and (low.dim() != 4 or low.shape[:2] != x.shape[:2]):
-        raise ValueError(
-            f"Winograd: low must be (B, C, h, w) like x {tuple(x.shape)}, got {tuple(low.shape)}"
-        )
+    check_low(x, low, "Winograd")
     if winograd_native(*groups, *([] if low is None else [low])):
         return _conv3x3_winograd_native(groups, u, bias, relu, low)
     if low is not None:
         x = x + F.interpolate(low.to(x.dtype), size=x.shape[2:], mode="bilinear", align_corners=False)
     return _conv3x3_winograd_torch(x if x2 is None else torch.cat([x, x2.to(x.dtype)], 1), u, bias, relu)
+
+
+def check_low(x: torch.Tensor, low: torch.Tensor | None, op: str) -> None:
+    """A top-down source ``low`` (added as ``resize(low)`` to ``x``) must match ``x``'s batch and channels."""
+    if low is not None and (low.dim() != 4 or low.shape[:2] != x.shape[:2]):
+        raise ValueError(f"{op}: low must be (B, C, h, w) like x {tuple(x.shape)}, got {tuple(low.shape)}")
 
 
 def winograd_native(*inputs: torch.Tensor) -> bool:
