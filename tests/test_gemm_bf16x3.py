@@ -88,11 +88,82 @@ def test_bad_input_is_refused_before_anything_is_written():
 
 def test_pack_weight_layout():
     w = torch.randn(6, 4)  # (N, K)
-    p = mx.pack_weight(w)
+    p = mx.pack_weight(w)  # 3K = 12 and N = 6 are no multiples of 32: the row-major layout on every CPU
     hi = w.t().bfloat16()
     assert p.shape == (12, 6) and p.dtype == torch.bfloat16
     assert torch.equal(p[:4], hi) and torch.equal(p[4:8], hi)
     assert torch.equal(p[8:], (w.t() - hi.float()).bfloat16())
+
+
+def test_pack_weight_amx_tile_layout():
+    """Tile (j, i) row r holds rows 32i + 2r and 32i + 2r + 1 of the row-major operand, columns 16j .. 16j + 15,
+    interleaved (TDPBF16PS's operand layout), checked element by element against the row-major packing."""
+    w = torch.randn(64, 96)  # (N, K): 3K = 288 = 9 tiles deep, N = 64 = 4 tiles wide
+    rm, tiles = mx.pack_weight(w, amx=False), mx.pack_weight(w, amx=True)
+    assert tiles.shape == (4, 9, 16, 32) and tiles.dtype == torch.bfloat16
+    assert mx.packed_shape(tiles) == mx.packed_shape(rm) == (288, 64)
+    for j, i, r, col in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 2, 5, 7), (3, 8, 15, 31), (2, 4, 9, 20)]:
+        c, e = divmod(col, 2)
+        assert torch.equal(tiles[j, i, r, col], rm[32 * i + 2 * r + e, 16 * j + c]), (j, i, r, col)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        mx.pack_weight(torch.randn(6, 4), amx=True)
+
+
+def test_amx_gemm_switch(monkeypatch):
+    w = torch.randn(64, 96)
+    monkeypatch.setenv(mx.AMX_ENV_VAR, "0")
+    assert not mx.amx_gemm_available() and mx.pack_weight(w).dim() == 2
+    monkeypatch.setenv(mx.AMX_ENV_VAR, "1")
+    assert (mx.pack_weight(w).dim() == 4) == mx.amx_gemm_available()
+
+
+amx_here = pytest.mark.skipif(
+    not mx.amx_gemm_available(), reason="needs AMX-BF16 (our AMX GEMM kernel) and the C helpers"
+)
+
+
+@runs_here
+@amx_here
+@pytest.mark.parametrize(
+    "k,n,rows",
+    [
+        (96, 512, 91),  # 2 full 32-row blocks + a 27-row tail (two tile rows)
+        (192, 64, 13),  # a 13-row tail only (one tile row)
+        (512, 608, 545),  # 3K = 1536 > one 512-deep k panel, N = 608 > one 512-wide n panel, 17-row tail
+        (32, 32, 1),
+        (384, 96, 64),  # whole blocks only
+    ],
+)
+def test_amx_gemm_matches_mkl_and_float64(k, n, rows):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, k, 1, rows, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(n, k, generator=g) / k**0.5
+    bias = torch.randn(n, generator=g)
+    ours = mx.conv1x1_bf16x3(x, mx.pack_weight(weight, amx=True), bias, True)
+    mkl = mx.conv1x1_bf16x3(x, mx.pack_weight(weight, amx=False), bias, True)
+    ref = F.conv2d(x.double(), weight.double()[:, :, None, None], bias.double()).relu()
+    scale = ref.abs().max()
+    assert ((ours.double() - ref).abs().max() / scale).item() < 2e-5
+    # the same bf16 products summed in float32: equal but for summation order (measured: bitwise equal or 1 ulp)
+    assert ((ours - mkl).abs().max() / scale).item() < 1e-6
+
+
+@runs_here
+@amx_here
+def test_amx_mlp_matches_mkl():
+    """The block MLP with AMX-packed weights (its second GEMM accumulates onto the output) against MKL's:
+    1073 rows, two 512-row chunks and a 49-row one."""
+    x, y, w1, b1, w2, b2 = _block(96, 384, 1, 37, 29)
+    ref = _reference(x, y, w1, b1, w2, b2)
+    outs = []
+    for amx in (True, False):
+        out = y.clone()
+        mx.mlp_bf16x3_(out, x, mx.pack_weight(w1, amx=amx), b1, mx.pack_weight(w2, amx=amx), b2, EPS)
+        outs.append(out)
+    assert ((outs[0].double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+    assert ((outs[0] - outs[1]).abs().max() / ref.abs().max()).item() < 1e-6
+    with pytest.raises(ValueError, match="one layout"):
+        mx.mlp_bf16x3_(y, x, mx.pack_weight(w1, amx=True), b1, mx.pack_weight(w2, amx=False), b2, EPS)
 
 
 def test_choice_rules(monkeypatch):

@@ -34,7 +34,7 @@ CAP = 128  # largest map side measured
 MIN_MACS = 20e6  # smaller convs (< ~0.2 ms) are not worth timing: their differences are noise
 MARGIN = 0.05  # another candidate replaces the default rule's choice only when at least this much faster
 CANDIDATES = (0, 4, 6)  # direct, F(4x4), F(6x6)
-_VERSION = 4  # 4: oneDNN candidates on prepacked weights (faster): earlier measurements are stale
+_VERSION = 5  # 5: bf16x3 1x1 candidates on our AMX GEMM (faster); 4: oneDNN ones on prepacked weights
 
 
 def machine_key() -> dict[str, object]:

@@ -5,8 +5,11 @@ The split is bf16x3's (see ``bf16x3.py``): each GEMM input ``a`` becomes ``[hi |
 each weight ``[W_hi; W_hi; W_lo]``, so ONE bfloat16 GEMM over 3K sums ``hi W_hi + lo W_hi + hi W_lo`` in
 float32 and writes float32 (no remainder pass, unlike the 3x3 convs of ``bf16x3.py``). That GEMM is MKL's
 ``cblas_gemm_bf16bf16f32``, which PyTorch's own libtorch_cpu exports (AMX kernels inside) but no PyTorch
-op exposes; here it is called from C (``csrc/gemm_bf16x3.c``), which also does the split passes (the MLP's
-fused with LayerNorm and with bias + GELU) over row chunks that stay in cache.
+op exposes, or, where the CPU has AMX and the C helpers built with it, our own AMX kernel (``amx_gemm`` in
+``csrc/gemm_bf16x3.c``): MKL repacks the weight into AMX tiles on every call, ours takes weights packed once
+(``pack_weight``) and ran 1.2-2x faster on the shapes used here (decisions.md, "Own AMX GEMM"). Both are called
+from C (``csrc/gemm_bf16x3.c``), which also does the split passes (the MLP's fused with LayerNorm and with bias
++ GELU) over row chunks that stay in cache. The packed weight's layout says which GEMM runs.
 
 Why: on a Xeon with AMX-BF16 that GEMM runs at 600-1100 GMAC/s against MKL float32's 130-180, so the
 three-term product still beats float32 1.5-2.2x; the block MLPs (ConvNeXt-T: 22 of its 23 GMACs) are the
@@ -27,11 +30,23 @@ from pathlib import Path
 import torch
 
 from . import native
-from ._common import register_ops
+from ._common import env_switch, register_ops
 from ._memory import empty_output
 from .bf16x3 import split_bf16
 
-__all__ = ["conv1x1_bf16x3", "gemm_bf16bf16f32", "gemm_bf16x3_blocker", "mlp_bf16x3_", "pack_weight"]
+__all__ = [
+    "AMX_ENV_VAR",
+    "amx_gemm_available",
+    "conv1x1_bf16x3",
+    "gemm_bf16bf16f32",
+    "gemm_bf16x3_blocker",
+    "mlp_bf16x3_",
+    "pack_weight",
+    "packed_shape",
+]
+
+# Our AMX GEMM kernel instead of MKL's for the weights packed from now on (default on where it can run).
+AMX_ENV_VAR = "UPERNET_FAST_AMX_GEMM"
 
 # Rows per chunk. Fewer re-read the weights too often (each chunk streams both from memory), more spill
 # the chunk's hidden activations out of cache: on a Xeon with AMX-BF16, 512 was best or within 5% of it
@@ -67,10 +82,45 @@ def gemm_bf16x3_blocker(x: torch.Tensor) -> str | None:
     return None
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) Linear weight -> the (3K, N) row-major bfloat16 GEMM operand ``[W_hi; W_hi; W_lo]`` (Wᵀ split)."""
+@functools.cache
+def _amx_granted() -> bool:
+    lib = native.library()
+    return lib is not None and {"amx_bf16", "amx_tile"} <= native.cpu_flags() and lib.amx_request() == 1
+
+
+def amx_gemm_available() -> bool:
+    """Whether ``pack_weight`` packs for our AMX kernel: the CPU has AMX-BF16, the C helpers built with the
+    kernel, Linux granted this process the tile state, and ``UPERNET_FAST_AMX_GEMM`` is not 0."""
+    return env_switch(AMX_ENV_VAR) and _amx_granted()
+
+
+def pack_weight(weight: torch.Tensor, amx: bool | None = None) -> torch.Tensor:
+    """(N, K) Linear weight -> the bfloat16 GEMM operand ``[W_hi; W_hi; W_lo]`` (3K x N, Wᵀ split): row-major
+    for MKL, or (with ``amx``, default ``amx_gemm_available()`` where 3K and N are multiples of 32) as the AMX
+    kernel's tiles, shape (N/16, 3K/32, 16, 32): tile (j, i) row r holds rows 32i + 2r, 32i + 2r + 1 of
+    columns 16j .. 16j + 15, interleaved in pairs (the operand layout of TDPBF16PS)."""
     hi, lo = split_bf16(weight.detach().float().t())
-    return torch.cat([hi, hi, lo], 0).contiguous()
+    b = torch.cat([hi, hi, lo], 0).contiguous()
+    k3, n = b.shape
+    if amx is None:
+        amx = amx_gemm_available() and k3 % 32 == 0 and n % 32 == 0
+    if not amx:
+        return b
+    if k3 % 32 or n % 32:
+        raise ValueError(f"pack_weight: the AMX layout needs 3K and N divisible by 32, got {k3} x {n}")
+    return b.view(k3 // 32, 16, 2, n // 16, 16).permute(3, 0, 1, 4, 2).reshape(n // 16, k3 // 32, 16, 32)
+
+
+def packed_shape(packed: torch.Tensor) -> tuple[int, int]:
+    """(3K, N) of a ``pack_weight`` result, whichever its layout."""
+    if packed.dim() == 4:
+        return packed.shape[1] * 32, packed.shape[0] * 16
+    return tuple(packed.shape)
+
+
+def _gemm_address(packed: torch.Tensor) -> int | None:
+    """The GEMM the C code calls for this weight: MKL's address, or None (NULL) for our AMX kernel."""
+    return None if packed.dim() == 4 else gemm_bf16bf16f32()
 
 
 def _rows(t: torch.Tensor, name: str, c: int, op: str = "mlp_bf16x3_") -> None:
@@ -95,19 +145,20 @@ def _mlp_bf16x3_torch(
     _rows(x, "x", c)
     if x.shape != y.shape or x.dtype != y.dtype:
         raise ValueError(f"mlp_bf16x3_: x {x.dtype} {tuple(x.shape)} must match y {y.dtype} {tuple(y.shape)}")
-    n = w1.shape[1]
+    n = packed_shape(w1)[1]
     if (
         w1.dtype != torch.bfloat16
         or w2.dtype != torch.bfloat16
-        or tuple(w1.shape) != (3 * c, n)
-        or tuple(w2.shape) != (3 * n, c)
+        or packed_shape(w1) != (3 * c, n)
+        or packed_shape(w2) != (3 * n, c)
+        or w1.dim() != w2.dim()
         or not (w1.is_contiguous() and w2.is_contiguous())
         or tuple(b1.shape) != (n,)
         or tuple(b2.shape) != (c,)
     ):
         raise ValueError(
             f"mlp_bf16x3_: weights must be pack_weight() of ({n}, {c}) and ({c}, {n}) Linear weights with "
-            f"biases ({n},), ({c},); got {tuple(w1.shape)} {w1.dtype}, {tuple(w2.shape)} {w2.dtype}, "
+            f"biases ({n},), ({c},), in one layout; got {tuple(w1.shape)} {w1.dtype}, {tuple(w2.shape)} {w2.dtype}, "
             f"{tuple(b1.shape)}, {tuple(b2.shape)}"
         )
     rows = y.numel() // c
@@ -121,7 +172,7 @@ def _mlp_bf16x3_torch(
     native.library().bf16x3_convnext_mlp(
         y.data_ptr(), x.data_ptr(), rows, c, n, eps, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(),
         b2.data_ptr(), chunk, a1.data_ptr(), hidden.data_ptr(), a2.data_ptr(), tmp.data_ptr(),
-        gemm_bf16bf16f32(), threads,
+        _gemm_address(w1), threads,
     )  # fmt: skip
 
 
@@ -135,8 +186,8 @@ def _conv1x1_bf16x3_torch(
         raise ValueError(f"conv1x1_bf16x3: x must be a (B, K, H, W) map, got {tuple(x.shape)}")
     k = x.shape[1]
     _rows(x, "x", k, "conv1x1_bf16x3")
-    n = packed.shape[1]
-    if packed.dtype != torch.bfloat16 or tuple(packed.shape) != (3 * k, n) or not packed.is_contiguous():
+    n = packed_shape(packed)[1]
+    if packed.dtype != torch.bfloat16 or packed_shape(packed) != (3 * k, n) or not packed.is_contiguous():
         raise ValueError(
             f"conv1x1_bf16x3: packed must be pack_weight() of an (N, {k}) weight, got {packed.dtype} "
             f"{tuple(packed.shape)}"
@@ -151,13 +202,13 @@ def _conv1x1_bf16x3_torch(
     bias = None if bias is None else bias.float().contiguous()
     native.library().bf16x3_linear(
         x.data_ptr(), rows, k, n, packed.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
-        out.data_ptr(), chunk, abuf.data_ptr(), gemm_bf16bf16f32(), torch.get_num_threads(),
+        out.data_ptr(), chunk, abuf.data_ptr(), _gemm_address(packed), torch.get_num_threads(),
     )  # fmt: skip
     return out.permute(0, 3, 1, 2)
 
 
 def _conv1x1_fake(x, packed, bias, relu):
-    shape = (x.shape[0], packed.shape[1], *x.shape[2:])
+    shape = (x.shape[0], packed_shape(packed)[1], *x.shape[2:])
     return torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
 
 
@@ -188,5 +239,5 @@ def conv1x1_bf16x3(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
     """``relu?(conv1x1(x, W) + bias)`` of a channels-last CPU float32 map ``x`` (B, K, H, W), with ``packed =
-    pack_weight(W.view(N, K))``; channels-last float32 output (B, N, H, W)."""
+    pack_weight(W.view(N, K))`` (either layout); channels-last float32 output (B, N, H, W)."""
     return CONV1X1_BF16X3["torch"](x, packed, bias, bool(relu))

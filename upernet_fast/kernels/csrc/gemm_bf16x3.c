@@ -13,13 +13,18 @@
  * bf16x3_linear: out = relu?(a @ W + bias) over rows (a 1x1 conv on a channels-last map): per chunk, split,
  * GEMM, then bias + ReLU on the chunk's output rows.
  *
- * The passes are OpenMP-parallel over rows; MKL threads the GEMMs itself.
+ * The GEMM is MKL's (`gemm` = its address; weights row-major 3K x N) or, with `gemm` NULL, amx_gemm below
+ * (weights in AMX tile layout, gemm_bf16x3.py pack_weight): same products, same float32 accumulation order
+ * per output, measured 1.2-2x faster on these shapes (MKL repacks the weights on every call).
+ *
+ * The passes are OpenMP-parallel over rows; the GEMMs thread themselves.
  *
  * GELU is the erf form, with erf from Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) and exp from a
  * Cephes-style polynomial: the formula of PyTorch's vectorised CPU GELU; its result is split to 16
  * significand bits anyway.
  */
 #include <math.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -34,6 +39,138 @@ typedef void (*gemm_bf16bf16f32_t)(int layout, int transa, int transb, int m, in
                                    const uint16_t *a, int lda, const uint16_t *b, int ldb, float beta,
                                    float *c, int ldc);
 enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+
+/* ---- AMX-BF16 GEMM -------------------------------------------------------------------------------------
+ * C (m x n float32, row stride n) = C (if accumulate) + A (m x k bf16, row stride k) B, B packed as tiles:
+ * tile (nb, kb) is 16 rows of 32 bf16 (1 KB) holding B[kb*32 + 2r + e][nb*16 + c] at [r][2c + e] (the VNNI
+ * pairs TDPBF16PS takes), tiles (nb, 0..k/32-1) contiguous. k and n are multiples of 32.
+ * Register blocking 2x2 tiles (32 x 32 outputs per step; tmm0-3 accumulate, tmm4-5 A, tmm6-7 B); cache
+ * blocking: an (AMX_KC x AMX_NC) panel of B (512 KB) stays in L2 while each thread sweeps its 32-row blocks
+ * of A under it (one 32 x AMX_KC block of A, 32 KB, stays in L1 across the panel's columns). Partial sums
+ * over k panels live in C. A last block of fewer than 32 rows runs with tiles of that many rows. */
+#if defined(__x86_64__) && defined(__linux__) &&                                                            \
+    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12))
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+enum { AMX_KC = 512, AMX_NC = 512 };
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-7 all 64 bytes wide; tiles 0, 1, 4 (first 16 rows) get r0 rows, tiles 2, 3, 5 (next 16) r1. */
+__attribute__((target("amx-tile"))) static void amx_configure(int r0, int r1) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    static const int second[8] = {0, 0, 1, 1, 0, 1, 0, 0};
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = (uint8_t)(i >= 6 ? 16 : (second[i] ? r1 : r0));
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* One 32 x 32 output block (rows `two` ? 2 tiles : 1 tile) over k in [k0, k1). */
+__attribute__((target("amx-tile,amx-bf16"))) static inline void amx_block(const uint16_t *a, long lda,
+                                                                           const uint16_t *b0, float *c,
+                                                                           long ldc, int k0, int k1, int load,
+                                                                           int two, long kbs) {
+    const uint16_t *b1 = b0 + kbs * 512;
+    if (load) {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+        if (two) {
+            _tile_loadd(2, c + 16 * ldc, ldc * 4);
+            _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+        }
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+    }
+    for (int k = k0; k < k1; k += 32) {
+        _tile_loadd(4, a + k, lda * 2);
+        _tile_loadd(6, b0 + (k / 32) * 512, 64);
+        _tile_loadd(7, b1 + (k / 32) * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, a + 16 * lda + k, lda * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, ldc * 4);
+    _tile_stored(1, c + 16, ldc * 4);
+    if (two) {
+        _tile_stored(2, c + 16 * ldc, ldc * 4);
+        _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+    }
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_gemm(int m, int n, int k, const uint16_t *A,
+                                                                   const uint16_t *B, float *C, int accumulate,
+                                                                   int threads) {
+    long kbs = k / 32;
+    int full = m / 32, tail = m % 32;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        int nt = 1, id = 0;
+#endif
+        int lo = (int)((long)full * id / nt), hi = (int)((long)full * (id + 1) / nt);
+        amx_configure(16, 16);
+        for (int n0 = 0; n0 < n; n0 += AMX_NC) {
+            int n1 = n0 + AMX_NC < n ? n0 + AMX_NC : n;
+            for (int k0 = 0; k0 < k; k0 += AMX_KC) {
+                int k1 = k0 + AMX_KC < k ? k0 + AMX_KC : k;
+                for (int mb = lo; mb < hi; mb++)
+                    for (int nb = n0 / 32; nb < n1 / 32; nb++)
+                        amx_block(A + (long)mb * 32 * k, k, B + 2 * nb * kbs * 512, C + (long)mb * 32 * n + nb * 32,
+                                  n, k0, k1, accumulate || k0 > 0, 1, kbs);
+            }
+        }
+        if (tail && id == nt - 1) { /* the last rows, with tiles of that many rows */
+            int two = tail > 16;
+            amx_configure(two ? 16 : tail, two ? tail - 16 : 16);
+            for (int nb = 0; nb < n / 32; nb++)
+                amx_block(A + (long)full * 32 * k, k, B + 2 * nb * kbs * 512, C + (long)full * 32 * n + nb * 32, n, 0,
+                          k, accumulate, two, kbs);
+        }
+        _tile_release();
+    }
+}
+
+/* 1 when this process may use AMX tiles (asks Linux for the tile state; fails on CPUs without AMX). */
+int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+#else
+#define HAVE_AMX 0
+static void amx_gemm(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C, int accumulate,
+                     int threads) {
+    (void)m, (void)n, (void)k, (void)A, (void)B, (void)C, (void)accumulate, (void)threads;
+}
+int amx_request(void) { return 0; }
+#endif
+
+/* C (m x n) = C (if accumulate) + A (m x k) B: MKL's GEMM at `mkl` (B row-major), or amx_gemm (mkl NULL). */
+static void gemm_bf16(void *mkl, int m, int n, int k, const uint16_t *a, const uint16_t *b, float *c, int accumulate,
+                      int threads) {
+    if (mkl == NULL)
+        amx_gemm(m, n, k, a, b, c, accumulate, threads);
+    else
+        ((gemm_bf16bf16f32_t)mkl)(ROW_MAJOR, NO_TRANS, NO_TRANS, m, n, k, 1.0f, a, k, b, n, accumulate ? 1.0f : 0.0f,
+                                   c, n);
+}
 
 static inline float exp_poly(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* (fminf/fmaxf would not vectorise) */
@@ -115,26 +252,24 @@ static void gelu_split(const float *h, const float *b1, long m, int N, float *tm
 void bf16x3_convnext_mlp(float *y, const float *x, long rows, int C, int N, float eps, const uint16_t *w1,
                          const float *b1, const uint16_t *w2, const float *b2, long chunk, uint16_t *a1,
                          float *h, uint16_t *a2, float *tmp, void *gemm, int threads) {
-    gemm_bf16bf16f32_t mm = (gemm_bf16bf16f32_t)gemm;
     for (long s = 0; s < rows; s += chunk) {
         long m = rows - s < chunk ? rows - s : chunk;
         float *ys = y + s * C;
         layernorm_split(ys, x + s * C, b2, m, C, eps, tmp, a1, threads);
-        mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, N, 3 * C, 1.0f, a1, 3 * C, w1, N, 0.0f, h, N);
+        gemm_bf16(gemm, (int)m, N, 3 * C, a1, w1, h, 0, threads);
         gelu_split(h, b1, m, N, tmp, a2, threads);
-        mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, C, 3 * N, 1.0f, a2, 3 * N, w2, C, 1.0f, ys, C);
+        gemm_bf16(gemm, (int)m, C, 3 * N, a2, w2, ys, 1, threads);
     }
 }
 
 void bf16x3_linear(const float *a, long rows, int K, int N, const uint16_t *w, const float *bias, int relu,
                    float *out, long chunk, uint16_t *abuf, void *gemm, int threads) {
-    gemm_bf16bf16f32_t mm = (gemm_bf16bf16f32_t)gemm;
     for (long s = 0; s < rows; s += chunk) {
         long m = rows - s < chunk ? rows - s : chunk;
         float *o = out + s * N;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (long r = 0; r < m; r++) split_row(a + (s + r) * K, K, abuf + r * 3 * K);
-        mm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)m, N, 3 * K, 1.0f, abuf, 3 * K, w, N, 0.0f, o, N);
+        gemm_bf16(gemm, (int)m, N, 3 * K, abuf, w, o, 0, threads);
         if (bias || relu) {
 #pragma omp parallel for num_threads(threads) schedule(static)
             for (long r = 0; r < m; r++) {
@@ -152,4 +287,12 @@ void bf16x3_linear(const float *a, long rows, int K, int N, const uint16_t *w, c
 /* The GELU above over n floats, for the tests (against F.gelu). */
 void gelu_erf_reference(const float *x, float *y, long n) {
     for (long i = 0; i < n; i++) y[i] = gelu_erf(x[i]);
+}
+
+/* amx_gemm for the tests: C (m x n) = C (if accumulate) + A (m x k) B with B in tile layout; 0 when this
+ * build has no AMX kernel. */
+int amx_gemm_bf16(int m, int n, int k, const uint16_t *a, const uint16_t *b, float *c, int accumulate, int threads) {
+    if (!HAVE_AMX) return 0;
+    amx_gemm(m, n, k, a, b, c, accumulate, threads);
+    return 1;
 }
