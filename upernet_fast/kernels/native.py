@@ -69,15 +69,14 @@ _SIGNATURES["bf16x3_convnext_mlp"] = (_P, _P, _L, _I, _I, ctypes.c_float, *[_P] 
 # a, rows, K, N, w, bias, relu, out, chunk, abuf, gemm, threads
 _SIGNATURES["bf16x3_linear"] = (_P, _L, _I, _I, _P, _P, _I, _P, _L, _P, _P, _I)
 _SIGNATURES["gelu_erf_reference"] = (_P, _P, _L)
-# m, n, k, a, b, c, accumulate, threads -> 0 when built without the AMX kernel
-_SIGNATURES["amx_gemm_bf16"] = (_I, _I, _I, _P, _P, _P, _I, _I)
+# -> 1 when this process may use AMX tiles (never on CPUs without AMX, or builds without the kernel)
 _SIGNATURES["amx_request"] = ()
 # out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
 # workspace, threads
 _SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
 # hi, hb, hh, hw, lo, lb, lh, lw, y, yb, yh, yw, B, C, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads
 _SIGNATURES["topdown_add_nhwc_bf16"] = (*[_P, _L, _L, _L] * 3, _L, _I, _I, _I, *[_P] * 8, _I)
-_RETURNS = {"resize_bilinear_planes": ctypes.c_int, "amx_gemm_bf16": ctypes.c_int, "amx_request": ctypes.c_int}
+_RETURNS = {"resize_bilinear_planes": ctypes.c_int, "amx_request": ctypes.c_int}
 
 
 def enabled() -> bool:

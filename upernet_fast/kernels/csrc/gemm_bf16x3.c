@@ -53,7 +53,6 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111 };
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define HAVE_AMX 1
 enum { AMX_KC = 512, AMX_NC = 512 };
 
 typedef struct {
@@ -154,7 +153,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static void amx_gemm(int m, int n, 
 /* 1 when this process may use AMX tiles (asks Linux for the tile state; fails on CPUs without AMX). */
 int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
 #else
-#define HAVE_AMX 0
 static void amx_gemm(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C, int accumulate,
                      int threads) {
     (void)m, (void)n, (void)k, (void)A, (void)B, (void)C, (void)accumulate, (void)threads;
@@ -289,10 +287,3 @@ void gelu_erf_reference(const float *x, float *y, long n) {
     for (long i = 0; i < n; i++) y[i] = gelu_erf(x[i]);
 }
 
-/* amx_gemm for the tests: C (m x n) = C (if accumulate) + A (m x k) B with B in tile layout; 0 when this
- * build has no AMX kernel. */
-int amx_gemm_bf16(int m, int n, int k, const uint16_t *a, const uint16_t *b, float *c, int accumulate, int threads) {
-    if (!HAVE_AMX) return 0;
-    amx_gemm(m, n, k, a, b, c, accumulate, threads);
-    return 1;
-}
