@@ -64,8 +64,11 @@ def test_gelu_is_the_erf_form():
     z = torch.cat([torch.linspace(-12, 12, 100001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 100.0, -100.0])])
     out = torch.empty_like(z)
     native.library().gelu_erf_reference(z.data_ptr(), out.data_ptr(), z.numel())
-    err = (out.double() - F.gelu(z.double())).abs().max().item()
-    assert err < 1e-6, err  # A&S 7.1.26: |erf error| < 1.5e-7; PyTorch's float32 GELU is ~1e-6 off too
+    ref = F.gelu(z.double())
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-6, err  # A&S 7.1.28: |erf error| < 3e-7, measured 8.6e-7 here; float32 PyTorch ~1e-6
+    tanh_form = F.gelu(z.double(), approximate="tanh")
+    assert (tanh_form - ref).abs().max().item() > 100 * err  # the test tells the two GELUs apart
 
 
 @runs_here
