@@ -21,8 +21,8 @@ bf16x3 (CPU float32 with AMX, beyond exact): a direct 3x3 conv (not Winograd) ca
 AMX with a float32 result (``kernels/bf16x3.py``, error ~7e-6 relative). ``bf16x3_choice`` decides: only
 with AMX-BF16, then measured on this machine (or the default rule ``BF16X3_WINS``). 1x1 convs
 (``bf16x3_choice`` too, rule ``BF16X3_1X1_WINS``) and the ConvNeXt and Swin block MLPs
-(``mlp_bf16x3_choice``) likewise, as one MKL bf16 GEMM with a float32 result each
-(``kernels/gemm_bf16x3.py``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
+(``mlp_bf16x3_choice``) likewise, as one bf16 GEMM with a float32 result each (our AMX kernel, or MKL's;
+``kernels/gemm_bf16x3.py``). ``UPERNET_FAST_BF16X3=0`` (or ``load(..., bf16x3=False)``) keeps float32 in
 float32.
 
 Typical use in the model layer::
@@ -48,7 +48,7 @@ from .kernels._common import env_switch, interpreting, native_bf16, onednn_prepa
 from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible, onednn_weight_useful
-from .kernels.gemm_bf16x3 import conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
+from .kernels.gemm_bf16x3 import amx_gemm_available, conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
 from .kernels.winograd import conv3x3_winograd_pair, winograd_native, winograd_weight
 
 __all__ = [
@@ -98,8 +98,9 @@ WINOGRAD_F6_MIN_SIDE = 64
 # A flop-count rule (the GEMMs dominate on every CPU measured), not tuned.
 WINOGRAD_MERGE_MARGIN = 1.15
 # ... where the group's taps conv runs as a bf16x3 GEMM (AMX), a tap row costs about this much less than a
-# float32 one (Xeon with AMX-BF16, 512->4608: 1.57x at 64², 1.63x at 32²), so the 2x-upsampled group stays
-# taps (9 / 1.5 = 6 vs 7.1 rows): ConvNeXt-T 512x512 fp32 0.444 -> 0.415 s (bench/results/decisions.md).
+# float32 one (Xeon with AMX-BF16, 512->4608: 1.57x at 64², 1.63x at 32² on MKL's GEMM, 2.1x on our AMX
+# kernel), so the 2x-upsampled group stays taps (9 / 1.5 = 6 vs 7.1 rows; any factor above 1.1 decides the
+# same): ConvNeXt-T 512x512 fp32 0.444 -> 0.415 s (bench/results/decisions.md).
 BF16X3_TAPS_SPEEDUP = 1.5
 # (min channels, min map side) from which a direct 3x3 float32 conv runs as bf16x3 on an AMX CPU when tuning is
 # off (Xeon with AMX-BF16, 512 channels: 1.66x faster at 128², 1.59x at 64², 1.28x at 32², 0.8x at 16²).
@@ -297,7 +298,7 @@ def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
 def mlp_bf16x3_choice(plan: Plan | None, x: torch.Tensor, hidden: int, act: str) -> tuple[bool, str]:
     """(run as bf16x3?, why) for a ConvNeXt block MLP (C -> ``hidden`` -> C, ``act``) on channels-last ``x``
     (B, C, H, W) in eager inference: only with the model's bf16x3 switch on, erf GELU, AMX-BF16 and the
-    C helpers with MKL's bf16 GEMM; then measured on this machine (``tuning.mlp_bf16x3``) unless tuning is
+    C helpers with a bf16 GEMM (ours or MKL's); then measured on this machine (``tuning.mlp_bf16x3``) unless tuning is
     off, else the default rule ``MLP_BF16X3_MIN_CHANNELS``."""
     if plan is None:
         return False, "float32 while compiling"
@@ -334,7 +335,8 @@ def mlp_bf16x3_decided(
 
 def note_mlp_bf16x3(plan: Plan, stage: object, part: str, why: str) -> None:
     """The plan note of a stage whose block MLPs run as bf16x3 (ConvNeXt's and Swin's alike)."""
-    impl = "bf16x3: LayerNorm + split, MKL bf16 GEMM (float32 out), GELU + split, GEMM + residual"
+    gemm = "our AMX bf16 GEMM" if amx_gemm_available() else "MKL bf16 GEMM"
+    impl = f"bf16x3: LayerNorm + split, {gemm} (float32 out), GELU + split, GEMM + residual"
     plan.note(stage, part, impl, f"{why}; see bench/results/decisions.md, ConvNeXt MLP as bf16x3")
 
 
