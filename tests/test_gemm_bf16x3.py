@@ -99,17 +99,20 @@ def test_pack_weight_layout():
 
 
 def test_pack_weight_amx_tile_layout():
-    """Tile (j, i) row r holds rows 32i + 2r and 32i + 2r + 1 of the row-major operand, columns 16j .. 16j + 15,
-    interleaved (TDPBF16PS's operand layout), checked element by element against the row-major packing."""
-    w = torch.randn(64, 96)  # (N, K): 3K = 288 = 9 tiles deep, N = 64 = 4 tiles wide
+    """[W_hi; W_lo] (nothing twice, unlike MKL's [W_hi; W_hi; W_lo]) in tiles: tile (j, i) row r holds rows
+    32i + 2r and 32i + 2r + 1, columns 16j .. 16j + 15, interleaved (TDPBF16PS's operand layout), checked
+    element by element against the row-major packing."""
+    w = torch.randn(64, 96)  # (N, K): 2K = 192 = 6 tiles deep, N = 64 = 4 tiles wide
     rm, tiles = mx.pack_weight(w, amx=False), mx.pack_weight(w, amx=True)
-    assert tiles.shape == (4, 9, 16, 32) and tiles.dtype == torch.bfloat16
+    hi_lo = torch.cat([rm[:96], rm[192:]])
+    assert torch.equal(rm[:96], rm[96:192])
+    assert tiles.shape == (4, 6, 16, 32) and tiles.dtype == torch.bfloat16
     assert mx.packed_shape(tiles) == mx.packed_shape(rm) == (288, 64)
-    for j, i, r, col in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 2, 5, 7), (3, 8, 15, 31), (2, 4, 9, 20)]:
+    for j, i, r, col in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 2, 5, 7), (3, 5, 15, 31), (2, 4, 9, 20)]:
         c, e = divmod(col, 2)
-        assert torch.equal(tiles[j, i, r, col], rm[32 * i + 2 * r + e, 16 * j + c]), (j, i, r, col)
+        assert torch.equal(tiles[j, i, r, col], hi_lo[32 * i + 2 * r + e, 16 * j + c]), (j, i, r, col)
     with pytest.raises(ValueError, match="divisible by 32"):
-        mx.pack_weight(torch.randn(6, 4), amx=True)
+        mx.pack_weight(torch.randn(64, 40), amx=True)
 
 
 def test_amx_gemm_switch(monkeypatch):
@@ -132,7 +135,7 @@ amx_here = pytest.mark.skipif(
     [
         (96, 512, 91),  # 2 full 32-row blocks + a 27-row tail (two tile rows)
         (192, 64, 13),  # a 13-row tail only (one tile row)
-        (512, 608, 545),  # 3K = 1536 > one 512-deep k panel, N = 608 > one 512-wide n panel, 17-row tail
+        (512, 608, 545),  # K = 512 > one 256-deep k panel, N = 608 > one 512-wide n panel, 17-row tail
         (32, 32, 1),
         (384, 96, 64),  # whole blocks only
     ],
@@ -147,7 +150,7 @@ def test_amx_gemm_matches_mkl_and_float64(k, n, rows):
     ref = F.conv2d(x.double(), weight.double()[:, :, None, None], bias.double()).relu()
     scale = ref.abs().max()
     assert ((ours.double() - ref).abs().max() / scale).item() < 2e-5
-    # the same bf16 products summed in float32: equal but for summation order (measured: bitwise equal or 1 ulp)
+    # the same bf16 products summed in float32, in another order
     assert ((ours - mkl).abs().max() / scale).item() < 1e-6
 
 
@@ -164,7 +167,8 @@ def test_amx_mlp_matches_mkl():
         mx.mlp_bf16x3_(out, x, mx.pack_weight(w1, amx=amx), b1, mx.pack_weight(w2, amx=amx), b2, EPS)
         outs.append(out)
     assert ((outs[0].double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
-    assert ((outs[0] - outs[1]).abs().max() / ref.abs().max()).item() < 1e-6
+    # sums in another order: a last-bit difference in the hidden layer can move its split, so looser than 1x1
+    assert ((outs[0] - outs[1]).abs().max() / ref.abs().max()).item() < 5e-6
     with pytest.raises(ValueError, match="one layout"):
         mx.mlp_bf16x3_(y, x, mx.pack_weight(w1, amx=True), b1, mx.pack_weight(w2, amx=False), b2, EPS)
 

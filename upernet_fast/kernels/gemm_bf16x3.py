@@ -95,27 +95,34 @@ def amx_gemm_available() -> bool:
 
 
 def pack_weight(weight: torch.Tensor, amx: bool | None = None) -> torch.Tensor:
-    """(N, K) Linear weight -> the bfloat16 GEMM operand ``[W_hi; W_hi; W_lo]`` (3K x N, Wᵀ split): row-major
-    for MKL, or (with ``amx``, default ``amx_gemm_available()`` where 3K and N are multiples of 32) as the AMX
-    kernel's tiles, shape (N/16, 3K/32, 16, 32): tile (j, i) row r holds rows 32i + 2r, 32i + 2r + 1 of
-    columns 16j .. 16j + 15, interleaved in pairs (the operand layout of TDPBF16PS)."""
+    """(N, K) Linear weight -> the split bfloat16 GEMM operand: for MKL ``[W_hi; W_hi; W_lo]`` (3K x N
+    row-major, Wᵀ split); for our AMX kernel (``amx``, default ``amx_gemm_available()`` where K and N are
+    multiples of 32) ``[W_hi; W_lo]`` (2K x N) as tiles, shape (N/16, 2K/32, 16, 32): tile (j, i) row r holds
+    rows 32i + 2r, 32i + 2r + 1 of columns 16j .. 16j + 15, interleaved in pairs (TDPBF16PS's operand)."""
     hi, lo = split_bf16(weight.detach().float().t())
-    b = torch.cat([hi, hi, lo], 0).contiguous()
-    k3, n = b.shape
+    k, n = hi.shape
     if amx is None:
-        amx = amx_gemm_available() and k3 % 32 == 0 and n % 32 == 0
+        amx = amx_gemm_available() and k % 32 == 0 and n % 32 == 0
     if not amx:
-        return b
-    if k3 % 32 or n % 32:
-        raise ValueError(f"pack_weight: the AMX layout needs 3K and N divisible by 32, got {k3} x {n}")
-    return b.view(k3 // 32, 16, 2, n // 16, 16).permute(3, 0, 1, 4, 2).reshape(n // 16, k3 // 32, 16, 32)
+        return torch.cat([hi, hi, lo], 0).contiguous()
+    if k % 32 or n % 32:
+        raise ValueError(f"pack_weight: the AMX layout needs K and N divisible by 32, got K={k}, N={n}")
+    b = torch.cat([hi, lo], 0)
+    return (
+        b.view(2 * k // 32, 16, 2, n // 16, 16).permute(3, 0, 1, 4, 2).reshape(n // 16, 2 * k // 32, 16, 32)
+    )
 
 
 def packed_shape(packed: torch.Tensor) -> tuple[int, int]:
     """(3K, N) of a ``pack_weight`` result, whichever its layout."""
     if packed.dim() == 4:
-        return packed.shape[1] * 32, packed.shape[0] * 16
+        return packed.shape[1] * 48, packed.shape[0] * 16
     return tuple(packed.shape)
+
+
+def _pieces(packed: torch.Tensor) -> int:
+    """Split pieces per GEMM input row the packed weight's GEMM takes: [hi | lo] (ours), [hi | lo | hi] (MKL)."""
+    return 2 if packed.dim() == 4 else 3
 
 
 def _gemm_address(packed: torch.Tensor) -> int | None:
@@ -164,9 +171,9 @@ def _mlp_bf16x3_torch(
     rows = y.numel() // c
     threads = torch.get_num_threads()
     chunk = max(1, min(rows, CHUNK_ROWS))
-    a1 = empty_output((chunk * 3 * c,), dtype=torch.bfloat16, device=y.device)
+    a1 = empty_output((chunk * _pieces(w1) * c,), dtype=torch.bfloat16, device=y.device)
     hidden = empty_output((chunk * n,), dtype=torch.float32, device=y.device)
-    a2 = empty_output((chunk * 3 * n,), dtype=torch.bfloat16, device=y.device)
+    a2 = empty_output((chunk * _pieces(w1) * n,), dtype=torch.bfloat16, device=y.device)
     tmp = empty_output((threads * max(n, c),), dtype=torch.float32, device=y.device)
     b1, b2 = b1.float().contiguous(), b2.float().contiguous()
     native.library().bf16x3_convnext_mlp(
@@ -198,7 +205,7 @@ def _conv1x1_bf16x3_torch(
     out = empty_output((b, h, w, n), dtype=torch.float32, device=x.device)
     rows = b * h * w
     chunk = max(1, min(rows, LINEAR_CHUNK_ROWS))
-    abuf = empty_output((chunk * 3 * k,), dtype=torch.bfloat16, device=x.device)
+    abuf = empty_output((chunk * _pieces(packed) * k,), dtype=torch.bfloat16, device=x.device)
     bias = None if bias is None else bias.float().contiguous()
     native.library().bf16x3_linear(
         x.data_ptr(), rows, k, n, packed.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
