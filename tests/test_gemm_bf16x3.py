@@ -123,6 +123,27 @@ def test_amx_gemm_switch(monkeypatch):
     assert (mx.pack_weight(w).dim() == 4) == mx.amx_gemm_available()
 
 
+@runs_here
+def test_amx_packed_weights_refused_where_the_kernel_cannot_run(monkeypatch):
+    x = torch.randn(1, 32, 2, 3).contiguous(memory_format=CL)
+    packed = mx.pack_weight(torch.randn(32, 32), amx=True)  # packing is plain PyTorch: works on any CPU
+    monkeypatch.setattr(mx, "_amx_granted", lambda: False)
+    with pytest.raises(ValueError, match="packed for the AMX kernel"):
+        mx.conv1x1_bf16x3(x, packed, None, False)
+    y = x.clone()
+    with pytest.raises(ValueError, match="packed for the AMX kernel"):
+        mx.mlp_bf16x3_(
+            y,
+            x,
+            mx.pack_weight(torch.randn(128, 32), amx=True),
+            torch.zeros(128),
+            mx.pack_weight(torch.randn(32, 128), amx=True),
+            torch.zeros(32),
+            EPS,
+        )
+    assert torch.equal(y, x)
+
+
 amx_here = pytest.mark.skipif(
     not mx.amx_gemm_available(), reason="needs AMX-BF16 (our AMX GEMM kernel) and the C helpers"
 )

@@ -1,18 +1,20 @@
 """Float32 GEMMs as split-bfloat16 GEMMs on AMX, with a float32 result (CPU): the ConvNeXt block MLP
 (``mlp_bf16x3_``) and 1x1 convs (``conv1x1_bf16x3``).
 
-The split is bf16x3's (see ``bf16x3.py``): each GEMM input ``a`` becomes ``[hi | lo | hi]`` per row and
-each weight ``[W_hi; W_hi; W_lo]``, so ONE bfloat16 GEMM over 3K sums ``hi W_hi + lo W_hi + hi W_lo`` in
-float32 and writes float32 (no remainder pass, unlike the 3x3 convs of ``bf16x3.py``). That GEMM is MKL's
-``cblas_gemm_bf16bf16f32``, which PyTorch's own libtorch_cpu exports (AMX kernels inside) but no PyTorch
-op exposes, or, where the CPU has AMX and the C helpers built with it, our own AMX kernel (``amx_gemm`` in
-``csrc/gemm_bf16x3.c``): MKL repacks the weight into AMX tiles on every call, ours takes weights packed once
-(``pack_weight``) and ran 1.2-2x faster on the shapes used here (decisions.md, "Own AMX GEMM"). Both are called
-from C (``csrc/gemm_bf16x3.c``), which also does the split passes (the MLP's fused with LayerNorm and with bias
-+ GELU) over row chunks that stay in cache. The packed weight's layout says which GEMM runs.
+The split is bf16x3's (see ``bf16x3.py``): GEMM inputs and weights become ``hi + lo`` bfloat16 pairs and
+bfloat16 GEMMs with float32 accumulation sum ``hi W_hi + lo W_hi + hi W_lo`` and write float32 (no remainder
+pass, unlike the 3x3 convs of ``bf16x3.py``). Where the CPU has AMX and the C helpers built with it, the GEMM
+is our own AMX kernel (``amx_gemm`` in ``csrc/gemm_bf16x3.c``) on ``[hi | lo]`` rows and ``[W_hi; W_lo]``
+packed once into tiles (``pack_weight``). Elsewhere (or with ``UPERNET_FAST_AMX_GEMM=0``) it is MKL's
+``cblas_gemm_bf16bf16f32``, which PyTorch's libtorch_cpu exports (AMX kernels inside) but no PyTorch op
+exposes, as ONE GEMM of ``[hi | lo | hi]`` rows and ``[W_hi; W_hi; W_lo]``; MKL repacks the weight into
+AMX tiles on every call, and ours ran 1.2-2x faster on the shapes used here (decisions.md, "Own AMX GEMM").
+The packed weight's layout says which GEMM runs. Both are called from C (``csrc/gemm_bf16x3.c``), which
+also does the split passes (the MLP's fused with LayerNorm and with bias + GELU) over row chunks that stay
+in cache.
 
-Why: on a Xeon with AMX-BF16 that GEMM runs at 600-1100 GMAC/s against MKL float32's 130-180, so the
-three-term product still beats float32 1.5-2.2x; the block MLPs (ConvNeXt-T: 22 of its 23 GMACs) are the
+Why: on a Xeon with AMX-BF16 that GEMM runs at 600-1100 GMAC/s on MKL, 1100-1600 on ours, against MKL
+float32's 130-180, so the three-term product beats float32 1.5-3x; the block MLPs (ConvNeXt-T: 22 of its 23 GMACs) are the
 float32 path's largest cost after the head's Winograd GEMMs (bench/results/decisions.md, "ConvNeXt MLP
 as bf16x3"). Error: ~4e-6 of the output's scale (float32: ~6e-7); ConvNeXt-T logits are as close to
 transformers as before (the head's Winograd error dominates). Not for Winograd's GEMMs: the inverse
@@ -125,9 +127,14 @@ def _pieces(packed: torch.Tensor) -> int:
     return 2 if packed.dim() == 4 else 3
 
 
-def _gemm_address(packed: torch.Tensor) -> int | None:
-    """The GEMM the C code calls for this weight: MKL's address, or None (NULL) for our AMX kernel."""
-    return None if packed.dim() == 4 else gemm_bf16bf16f32()
+def _gemm_address(packed: torch.Tensor, op: str) -> int | None:
+    """The GEMM the C code calls for this weight: MKL's address, or None (NULL) for our AMX kernel, which
+    must not run where the CPU or the kernel (Linux's tile permission) cannot: that would be SIGILL."""
+    if packed.dim() != 4:
+        return gemm_bf16bf16f32()
+    if not _amx_granted():
+        raise ValueError(f"{op}: the weights are packed for the AMX kernel, which cannot run in this process")
+    return None
 
 
 def _rows(t: torch.Tensor, name: str, c: int, op: str = "mlp_bf16x3_") -> None:
@@ -179,7 +186,7 @@ def _mlp_bf16x3_torch(
     native.library().bf16x3_convnext_mlp(
         y.data_ptr(), x.data_ptr(), rows, c, n, eps, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(),
         b2.data_ptr(), chunk, a1.data_ptr(), hidden.data_ptr(), a2.data_ptr(), tmp.data_ptr(),
-        _gemm_address(w1), threads,
+        _gemm_address(w1, "mlp_bf16x3_"), threads,
     )  # fmt: skip
 
 
@@ -209,7 +216,7 @@ def _conv1x1_bf16x3_torch(
     bias = None if bias is None else bias.float().contiguous()
     native.library().bf16x3_linear(
         x.data_ptr(), rows, k, n, packed.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
-        out.data_ptr(), chunk, abuf.data_ptr(), _gemm_address(packed), torch.get_num_threads(),
+        out.data_ptr(), chunk, abuf.data_ptr(), _gemm_address(packed, "conv1x1_bf16x3"), torch.get_num_threads(),
     )  # fmt: skip
     return out.permute(0, 3, 1, 2)
 
