@@ -315,3 +315,47 @@ def test_bf16x3_paths_run_under_inference_mode(monkeypatch, kind):
     assert torch.equal(out, again)
     assert any("bf16x3" in p["impl"] for p in fast.plan(64, 96) if "(MLP)" in p["part"])
     assert any(p["impl"].startswith("bf16x3 GEMM") for p in fast.plan(64, 96))
+
+
+@runs_here
+@amx_here
+@pytest.mark.parametrize("split", [True, False])
+def test_swin_linears_as_bf16x3_match_transformers(monkeypatch, split):
+    """Swin's qkv, attention output and patch-merging Linears as bf16x3 (forced by the default rule; every
+    feature count a multiple of 32), or not: parity with transformers, and the plan says which ran and why."""
+    ref = make_reference("swin", backbone_overrides={"embed_dim": 32}, hidden_size=64, num_labels=7)
+    monkeypatch.setattr(dispatch, "BF16X3_1X1_WINS", (0, 0) if split else (10**6, 0))
+    fast = upernet_fast.load(ref, tune=False)
+    x = torch.randn(2, 3, 75, 101, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compare_logits(ref(x).logits, fast(x).logits, 1e-4)
+    names = ("blocks.*.attention.self.query/key/value", "blocks.*.attention.output.dense", "reduction")
+    notes = [p for p in fast.plan(75, 101, batch=2) if p["part"].startswith(names)]
+    assert len(notes) == 3 * 4 - 1, notes  # qkv and output per stage, a reduction between stages
+    for p in notes:
+        assert ("bf16x3 GEMM" in p["impl"]) == split, p
+        assert "default rule" in p["why"] and (split or "not bf16x3" in p["why"]), p
+    strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
+    assert not any("bf16x3" in p["impl"] for p in strict if p["part"].startswith(names))
+
+
+def test_linear_bf16x3_choice_says_why_not(monkeypatch):
+    plan, x = dispatch.Plan(bf16x3=True, tune=False), torch.zeros(1, 4, 4, 64)
+    assert dispatch.linear_bf16x3_choice(None, x, (64, 64), (1, 4, 4)) == (False, "float32 while compiling")
+    off = dispatch.linear_bf16x3_choice(dispatch.Plan(bf16x3=False), x, (64, 64), (1, 4, 4))
+    assert off[0] is False and "switched off" in off[1]
+    assert "CPU float32" in dispatch.linear_bf16x3_choice(plan, x.double(), (64, 64), (1, 4, 4))[1]
+    monkeypatch.setattr(dispatch, "gemm_bf16x3_blocker", lambda t: None)
+    monkeypatch.setattr(dispatch, "amx_gemm_available", lambda: False)
+    assert "AMX GEMM kernel" in dispatch.linear_bf16x3_choice(plan, x, (64, 64), (1, 4, 4))[1]
+    monkeypatch.setattr(dispatch, "amx_gemm_available", lambda: True)
+    assert "divisible by 32" in dispatch.linear_bf16x3_choice(plan, x, (48, 64), (1, 4, 4))[1]
+    monkeypatch.setattr(dispatch, "BF16X3_1X1_WINS", (0, 0))
+    assert dispatch.linear_bf16x3_choice(plan, x, (64, 96), (1, 4, 4))[0] is True
+
+
+def test_linear_bf16x3_refuses_an_activation():
+    from upernet_fast.backbones.fused_linear import LinearWeights, linear
+
+    with pytest.raises(ValueError, match="without activation"):
+        linear(torch.zeros(4, 32), LinearWeights(torch.zeros(32, 32), None), ("gelu", "none"), bf16x3=True)

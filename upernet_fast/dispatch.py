@@ -276,23 +276,56 @@ def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
         return False, "no AMX-BF16 on this CPU (bf16x3 would be slower than float32)"
     h, w = x.shape[2:]
     if kh == 1:
-        channels, pixels = BF16X3_1X1_WINS
-        default = min(c_in, c_out) >= channels and x.shape[0] * h * w >= pixels
-        rule = (
-            f"bf16x3 from {channels} channels and {pixels} px"
-            if default
-            else f"float32 below {BF16X3_1X1_WINS}"
-        )
-    else:
-        channels, side = BF16X3_WINS
-        default = min(c_in, c_out) >= channels and min(h, w) >= side
-        rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
+        return _bf16x3_1x1(ops.tune, c_in, c_out, x.shape[0], h, w)
+    channels, side = BF16X3_WINS
+    default = min(c_in, c_out) >= channels and min(h, w) >= side
+    rule = f"bf16x3 from {channels} channels and {side} px" if default else f"float32 below {BF16X3_WINS}"
     if ops.tune:
         use, why = tuning.bf16x3(c_in, c_out, h, w, default, kh)
         if use is not None:
             return use, why
         return default, f"default rule ({why}): {rule}"
     return default, f"default rule: {rule}"
+
+
+def _bf16x3_1x1(tune: bool, c_in: int, c_out: int, b: int, h: int, w: int) -> tuple[bool, str]:
+    """(as bf16x3?, why) for a float32 1x1 conv (or Linear over the tokens of a map) once bf16x3 can run:
+    measured on this machine (``tuning.bf16x3``) with ``tune``, else the default rule ``BF16X3_1X1_WINS``."""
+    channels, pixels = BF16X3_1X1_WINS
+    default = min(c_in, c_out) >= channels and b * h * w >= pixels
+    rule = (
+        f"bf16x3 from {channels} channels and {pixels} px" if default else f"float32 below {BF16X3_1X1_WINS}"
+    )
+    if tune:
+        use, why = tuning.bf16x3(c_in, c_out, h, w, default, 1)
+        if use is not None:
+            return use, why
+        return default, f"default rule ({why}): {rule}"
+    return default, f"default rule: {rule}"
+
+
+def linear_bf16x3_choice(
+    plan: Plan | None, x: torch.Tensor, features: tuple[int, int], size: tuple[int, int, int]
+) -> tuple[bool, str]:
+    """(run as bf16x3?, why) for a backbone Linear without activation (Swin's qkv, attention output and
+    patch merging) with (in, out) ``features`` over the tokens of a (B, H, W) map ``size``, i.e. a 1x1 conv,
+    on CPU float32 tokens like ``x``: only in eager inference with the model's bf16x3 switch on and our AMX
+    GEMM kernel (on MKL's GEMM these Linears measured no faster than float32: bench/results/decisions.md,
+    "Swin Linears as bf16x3"), for features that are multiples of 32 (its tile layout); then as
+    ``bf16x3_choice`` decides a 1x1 conv."""
+    if plan is None:
+        return False, "float32 while compiling"
+    if not plan.bf16x3:
+        return False, "bf16x3 switched off (bf16x3=False / UPERNET_FAST_BF16X3=0)"
+    blocker = gemm_bf16x3_blocker(x)
+    if blocker is not None:
+        return False, blocker
+    if not amx_gemm_available():
+        return False, "needs our AMX GEMM kernel (AMX-BF16; UPERNET_FAST_AMX_GEMM)"
+    (c_in, c_out), (b, h, w) = features, size
+    if c_in % 32 or c_out % 32:
+        return False, f"the AMX kernel needs features divisible by 32 ({c_in}->{c_out})"
+    return _bf16x3_1x1(plan.tune, c_in, c_out, b, h, w)
 
 
 def mlp_bf16x3_choice(plan: Plan | None, x: torch.Tensor, hidden: int, act: str) -> tuple[bool, str]:

@@ -4,7 +4,9 @@ On CPU float32, `torch.ops.mkldnn._linear_pointwise` with a weight reordered onc
 layout, the activation fused as a post-op, wins for narrow layers; the MKL sgemm behind `F.linear` (then
 a separate GELU) wins once both dimensions reach 192. Measured per Swin-T layer shape in bench/results/decisions.md
 ("Backbone Linears"); oneDNN's erf-GELU post-op is what makes it lose from 192 features on. `ONEDNN_MAX_NARROW` is that rule.
-Elsewhere (other devices/dtypes, builds without oneDNN, under torch.compile) it is `F.linear`.
+Elsewhere (other devices/dtypes, builds without oneDNN, under torch.compile) it is `F.linear`. On CPUs with
+AMX, a Linear without activation can run as a split-bfloat16 GEMM on our AMX kernel instead (`bf16x3`,
+decided by `dispatch.linear_bf16x3_choice`; `kernels/gemm_bf16x3.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ..folding import cached
 from ..kernels._common import native_bf16
 from ..kernels._common import onednn_blocker as onednn_unusable
+from ..kernels.gemm_bf16x3 import conv1x1_bf16x3, pack_weight
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
@@ -57,12 +60,13 @@ def use_onednn(x: torch.Tensor, bf16: bool = False) -> bool:
 class LinearWeights:
     """Inference weights of one Linear: plain `weight`/`bias` and, on CPU fp32, a oneDNN-packed copy of the
     weight (an opaque tensor: no storage, so it cannot be deep-copied or pickled; both drop it, and the
-    `folding.cached` key, which holds the source pointers, makes the copy rebuild it on first use)."""
+    `folding.cached` key, which holds the source pointers, makes the copy rebuild it on first use), and the
+    bf16x3 operand (`split`, built on first bf16x3 use; copies rebuild it too)."""
 
-    __slots__ = ("weight", "bias", "packed", "onednn")
+    __slots__ = ("weight", "bias", "packed", "onednn", "split")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
-        self.weight, self.bias, self.packed = weight, bias, None
+        self.weight, self.bias, self.packed, self.split = weight, bias, None, None
         self.onednn = min(weight.shape) < ONEDNN_MAX_NARROW
         if pack and self.onednn and _REORDER_LINEAR_WEIGHT is not None and use_onednn(weight):
             try:
@@ -82,9 +86,16 @@ def linear_onednn(x: torch.Tensor, lw: LinearWeights) -> bool:
     return lw.onednn and use_onednn(x)
 
 
-def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = None, bf16x3: bool = False
+) -> torch.Tensor:
     """`F.linear` (+ activation): oneDNN's inner product with the packed weight and fused activation for
-    narrow layers on CPU fp32, MKL otherwise (see the module docstring)."""
+    narrow layers on CPU fp32, MKL otherwise (see the module docstring). ``bf16x3`` (no activation; the
+    caller's `dispatch.linear_bf16x3_choice`): rows (T, K) as a split-bfloat16 GEMM."""
+    if bf16x3:
+        if act is not None:
+            raise ValueError("linear: bf16x3 is for Linears without activation")
+        return linear_bf16x3(x, lw)
     if linear_onednn(x, lw):
         attr, algo = act if act is not None else ("none", "")
         weight = lw.packed if lw.packed is not None else lw.weight
@@ -95,12 +106,34 @@ def linear(x: torch.Tensor, lw: LinearWeights, act: tuple[str, str] | None = Non
     return F.relu(y) if act[0] == "relu" else F.gelu(y, approximate=act[1])
 
 
+def linear_bf16x3(x: torch.Tensor, lw: LinearWeights) -> torch.Tensor:
+    """`F.linear` of CPU float32 rows x (T, K) as one split-bfloat16 GEMM (``conv1x1_bf16x3`` on x viewed as
+    a channels-last 1 x T map); the operand is packed on first use."""
+    if lw.split is None:
+        lw.split = pack_weight(lw.weight)
+    t, k = x.shape
+    rows = x.contiguous().view(1, 1, t, k).permute(0, 3, 1, 2)  # (1, K, 1, T) channels-last: no copy
+    return conv1x1_bf16x3(rows, lw.split, lw.bias, False).permute(0, 2, 3, 1).reshape(t, -1)
+
+
 def linear_plan(
-    x: torch.Tensor, lw: LinearWeights, act: str | None = None, fused: bool = False
+    x: torch.Tensor,
+    lw: LinearWeights,
+    act: str | None = None,
+    fused: bool = False,
+    bf16x3: tuple[bool, str] | None = None,
 ) -> tuple[str, str]:
     """(implementation, why) of `linear` on inputs like `x`, for `FastUperNet.plan`: from the tests it
     branches on (`LinearWeights.onednn`, `onednn_blocker`). `act` names the activation that follows the
-    Linear; `fused`: passed to `linear` as its oneDNN post-op (else applied separately)."""
+    Linear; `fused`: passed to `linear` as its oneDNN post-op (else applied separately); `bf16x3`: the
+    caller's (choice, why) from `dispatch.linear_bf16x3_choice`."""
+    if bf16x3 is not None and bf16x3[0]:
+        return "bf16x3 GEMM (split bfloat16, our AMX kernel)", bf16x3[1]
+    impl, why = _float32_linear_plan(x, lw, act, fused)
+    return impl, why if bf16x3 is None else f"{why} (not bf16x3: {bf16x3[1]})"
+
+
+def _float32_linear_plan(x: torch.Tensor, lw: LinearWeights, act: str | None, fused: bool) -> tuple[str, str]:
     mkl = "MKL F.linear" + (f" + {act}" if act else "")
     narrow, source = min(lw.weight.shape), "see bench/results/decisions.md, Backbone Linears"
     if not lw.onednn:

@@ -32,13 +32,13 @@ Inference fast path (no autograd, no attention weights asked for; exact up to fl
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dispatch import mlp_bf16x3_decided, note_mlp_bf16x3
+from ..dispatch import linear_bf16x3_choice, mlp_bf16x3_decided, note_mlp_bf16x3
 from ..folding import cached
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
@@ -87,6 +87,18 @@ _INMEMORY_RENAMES = (
 _CACHE_SIZE = 4  # (input size, dtype, device) entries kept per block
 _PAD_GATHER_FIRST = 1.1  # window rows / token rows below which the input, not qkv, is partitioned
 _ATTN_CHUNK_ROWS = 4096  # window rows per attention chunk when the input is partitioned first
+
+
+class Split(NamedTuple):
+    """Which of a Swin stage's GEMMs run as bf16x3 (split bfloat16 on AMX), as ``dispatch`` decided: the
+    block MLP (``mlp_bf16x3_``), the fused qkv Linear and the attention output Linear (``linear``)."""
+
+    mlp: bool = False
+    qkv: bool = False
+    proj: bool = False
+
+
+FLOAT32 = Split()  # every GEMM in float32
 
 
 def _pair(v: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -380,7 +392,7 @@ class SwinLayer(nn.Module):
             return
         mlp_rows_(x, x, fc1, fc2, self.layernorm_after.eps, self._fused_act, self.act)
 
-    def forward_fast(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+    def forward_fast(self, x: torch.Tensor, split: Split = FLOAT32) -> torch.Tensor:
         """Inference only (no autograd, no attention weights). x: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         ws, heads = self.window_size, self.num_heads
@@ -405,12 +417,14 @@ class SwinLayer(nn.Module):
             out = x.new_empty(windows, n, heads, c // heads)
             chunk = max(_ATTN_CHUNK_ROWS // n, 1)
             for w0, w1, m0, pad_local in _window_chunks(b, h, w, ws, self.shift_size, chunk, x.device):
-                qkv = linear(normalize(tokens.index_select(0, gather[w0 * n : w1 * n]), eps), wqkv)
+                qkv = linear(
+                    normalize(tokens.index_select(0, gather[w0 * n : w1 * n]), eps), wqkv, None, split.qkv
+                )
                 if pad_local is not None:  # transformers pads after the affine norm: a zero token's qkv
                     qkv[pad_local] = pad_row  # is the bias
                 out[w0:w1] = attend(qkv, mask if mask.shape[0] == 1 else mask[m0 : m0 + w1 - w0])
         else:  # much padding (late stages, few tokens): no Linear on padded rows
-            qkv = linear(normalize(tokens, eps), wqkv).index_select(0, gather)
+            qkv = linear(normalize(tokens, eps), wqkv, None, split.qkv).index_select(0, gather)
             if pad is not None:
                 qkv[pad] = pad_row
             if mask.shape[0] == 1 or b == 1:
@@ -421,8 +435,8 @@ class SwinLayer(nn.Module):
                     sl = slice(i * per_image, (i + 1) * per_image)
                     out[sl] = attend(qkv[sl.start * n : sl.stop * n], mask)
         out = out.reshape(-1, c).index_select(0, scatter)  # un-partition + roll back + crop: (B*H*W, C)
-        x = linear(out, self._proj_weights()).add_(tokens)
-        self._mlp_(x, bf16x3)
+        x = linear(out, self._proj_weights(), None, split.proj).add_(tokens)
+        self._mlp_(x, split.mlp)
         return x.view(b, h, w, c)
 
     def _proj_weights(self) -> LinearWeights:
@@ -468,8 +482,9 @@ class SwinPatchMerging(nn.Module):
             lambda: LinearWeights(*_fold_ln_into_linear(self.norm, red.weight, red.bias)),
         )
 
-    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference only; `norm`'s affine folded into `reduction`. x: (B, H, W, C) -> (B, H', W', 2C)."""
+    def forward_fast(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+        """Inference only; `norm`'s affine folded into `reduction` (as bf16x3 with ``bf16x3``).
+        x: (B, H, W, C) -> (B, H', W', 2C)."""
         b, h, w, c = x.shape
         h2, w2 = (h + 1) // 2, (w + 1) // 2
         merged = x.new_empty(b, h2, w2, 4, c)
@@ -481,7 +496,7 @@ class SwinPatchMerging(nn.Module):
         if w % 2:
             merged[:, :, -1, 2:] = 0
         y = normalize(merged.view(-1, 4 * c), self.norm.eps)
-        return linear(y, self.weights()).view(b, h2, w2, -1)
+        return linear(y, self.weights(), None, bf16x3).view(b, h2, w2, -1)
 
 
 class SwinStage(nn.Module):
@@ -599,14 +614,14 @@ class SwinBackbone(Backbone):
         # Stages past the deepest selected one change no output unless all hidden states/attentions are wanted.
         last = len(self.encoder.layers) if (output_hidden_states or output_attentions) else self._deepest
         for i, stage in enumerate(self.encoder.layers[:last]):
-            bf16x3, why_bf16x3 = self._mlp_bf16x3(plan, stage, x) if fast else (False, "")
+            split, whys = self._split(plan, stage, x) if fast else (FLOAT32, {})
             if noting and stage.blocks:
-                self._note_blocks(plan, stage, x, bf16x3, why_bf16x3)
+                self._note_blocks(plan, stage, x, split, whys)
             weights = None
             for j, block in enumerate(stage.blocks):
                 need = output_attentions and j == len(stage.blocks) - 1
                 if fast and not need:
-                    x = block.forward_fast(x, bf16x3)
+                    x = block.forward_fast(x, split)
                 else:
                     x, weights = block(x, need_weights=need)
             name = f"stage{i + 1}"
@@ -617,11 +632,11 @@ class SwinBackbone(Backbone):
             if attentions is not None:
                 attentions.append(weights)
             if stage.downsample is not None and i + 1 < last:
+                merge = self._merge_bf16x3(plan, stage.downsample, x) if fast else None
                 if noting:
-                    self._note_linears(
-                        plan, stage.downsample, [("reduction", stage.downsample.weights(), False)], x
-                    )
-                x = stage.downsample.forward_fast(x) if fast else stage.downsample(x)
+                    reduction = [("reduction", stage.downsample.weights(), False)]
+                    self._note_linears(plan, stage.downsample, reduction, x, bf16x3={"reduction": merge})
+                x = stage.downsample.forward_fast(x, merge[0]) if fast else stage.downsample(x)
         return BackboneOutput(
             feature_maps=tuple(feature_maps),
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
@@ -638,19 +653,48 @@ class SwinBackbone(Backbone):
         hidden, act = stage.blocks[0].intermediate.dense.out_features, self.config["hidden_act"]
         return mlp_bf16x3_decided(plan, stage, x.permute(0, 3, 1, 2), hidden, act)  # (B, C, H, W) view
 
-    def _note_blocks(self, plan: Plan, stage: SwinStage, x: torch.Tensor, bf16x3: bool, why: str) -> None:
-        """The Linears of `stage`'s blocks (`_note_linears`); with ``bf16x3``, the MLP's two as one bf16x3
-        note; without, their notes say why not (`why`)."""
+    def _split(self, plan: Plan | None, stage: SwinStage, x: torch.Tensor) -> tuple[Split, dict[str, tuple]]:
+        """Which of `stage`'s block GEMMs run as bf16x3 on tokens like `x` (B, H, W, C), and the (choice, why)
+        of each Linear kind by its on-disk name: the MLP as ConvNeXt's (`_mlp_bf16x3`), the qkv and output
+        Linears by `dispatch.linear_bf16x3_choice`, each decided once per plan."""
+        if not stage.blocks:
+            return FLOAT32, {}
+        mlp = self._mlp_bf16x3(plan, stage, x)
+        b, h, w, c = x.shape
+
+        def decide(name: str, out: int) -> tuple[bool, str]:
+            choose = lambda: linear_bf16x3_choice(plan, x, (c, out), (b, h, w))  # noqa: E731
+            return choose() if plan is None else plan.decide(stage, f"{name}-bf16x3", choose)
+
+        qkv, proj = decide("qkv", 3 * c), decide("proj", c)
+        whys = {"attention.self.query/key/value (one fused Linear)": qkv, "attention.output.dense": proj}
+        whys |= {"intermediate.dense": mlp, "output.dense": mlp}
+        return Split(mlp[0], qkv[0], proj[0]), whys
+
+    def _merge_bf16x3(
+        self, plan: Plan | None, merging: SwinPatchMerging, x: torch.Tensor
+    ) -> tuple[bool, str]:
+        """(bf16x3?, why) for `merging`'s reduction on a stage output like `x` (B, H, W, C), once per plan."""
+        b, h, w, c = x.shape
+        features, size = (4 * c, merging.reduction.out_features), (b, (h + 1) // 2, (w + 1) // 2)
+        choose = lambda: linear_bf16x3_choice(plan, x, features, size)  # noqa: E731
+        return choose() if plan is None else plan.decide(merging, "reduction-bf16x3", choose)
+
+    def _note_blocks(self, plan: Plan, stage: SwinStage, x: torch.Tensor, split: Split, whys: dict) -> None:
+        """The Linears of `stage`'s blocks (`_note_linears`, with each one's bf16x3 (choice, why) from
+        `whys`); with ``split.mlp``, the MLP's two as one bf16x3 note."""
         block = stage.blocks[0]
         linears = block.linears()
         mlp = ("intermediate.dense", "output.dense")
-        if bf16x3:
+        if split.mlp:
             linears = [item for item in linears if item[0] not in mlp]
             fc1 = block._fc1_weights().weight
             part = f"blocks.*.intermediate/output.dense (MLP): {fc1.shape[1]}->{fc1.shape[0]}, {x.dtype}"
-            note_mlp_bf16x3(plan, stage, part, why)
-        suffix = {name: f" (not bf16x3: {why})" for name in mlp} if why and not bf16x3 else {}
-        self._note_linears(plan, stage, linears, x, fused=block._fused_act is not None, suffix=suffix)
+            note_mlp_bf16x3(plan, stage, part, whys["intermediate.dense"][1])
+        fused = block._fused_act is not None
+        self._note_linears(
+            plan, stage, linears, x, fused=fused, bf16x3={k: v for k, v in whys.items() if v[1]}
+        )
 
     def _note_linears(
         self,
@@ -659,14 +703,15 @@ class SwinBackbone(Backbone):
         linears: list[tuple[str, LinearWeights, bool]],
         x: torch.Tensor,
         fused: bool = False,
-        suffix: dict[str, str] | None = None,
+        bf16x3: dict[str, tuple[bool, str] | None] | None = None,
     ) -> None:
         """One note per Linear kind of `owner` (a stage's blocks share their shapes) on inputs like `x`:
-        oneDNN or MKL, from the tests `fused_linear.linear` branches on (`linear_plan`). `fused`: the
-        activation goes to oneDNN as a post-op. `suffix`: appended to the why of the named Linears."""
+        oneDNN or MKL, from the tests `fused_linear.linear` branches on (`linear_plan`), or bf16x3. `fused`:
+        the activation goes to oneDNN as a post-op. `bf16x3`: the bf16x3 (choice, why) of the named Linears."""
         act = self.config["hidden_act"]
         prefix = "blocks.*." if isinstance(owner, SwinStage) else ""
         for name, lw, activated in linears:
-            impl, why = linear_plan(x, lw, act if activated else None, fused and activated)
+            split = (bf16x3 or {}).get(name)
+            impl, why = linear_plan(x, lw, act if activated else None, fused and activated, split)
             shape = f"{lw.weight.shape[1]}->{lw.weight.shape[0]}, {x.dtype}"
-            plan.note(owner, f"{prefix}{name}: {shape}", impl, why + (suffix or {}).get(name, ""))
+            plan.note(owner, f"{prefix}{name}: {shape}", impl, why)
