@@ -440,12 +440,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def format_plan(model, height: int, width: int) -> str:
     """The machine, the model-wide switches and, per backbone and decode-head layer, the implementation and why."""
     from .kernels import native
+    from .kernels.gemm_bf16x3 import amx_gemm_available
     from .tuning import machine_key
 
     m = machine_key()
     lines = [
         f"plan for {height}x{width} on {m['cpu']} ({m['isa']}, {m['threads']} threads, torch {m['torch']}; "
-        f"native bf16: {dispatch.native_bf16()}; C helpers: {'built' if native.library() else 'off'})",
+        f"native bf16: {dispatch.native_bf16()}; C helpers: {'built' if native.library() else 'off'}; "
+        f"own AMX GEMM: {'on' if amx_gemm_available() else 'off'})",
         f"  dtype {model.dtype}, backend {model.backend}, winograd {model.winograd}, tune {model.tune}, "
         f"bf16x3 {model.bf16x3}",
     ]
