@@ -34,6 +34,13 @@ import upernet_fast  # noqa: E402
 _CONVS = ("aten::mkldnn_convolution", "mkldnn::_convolution_pointwise", "aten::_slow_conv2d_forward")
 
 
+def _split_macs(packed: list[int]) -> int:
+    """bfloat16 MACs per row of a bf16x3 GEMM with this ``pack_weight`` result: 3K x N in either layout
+    (MKL's (3K, N) rows; our AMX kernel's (N/16, 2K/32, 16, 32) tiles hold [W_hi; W_lo], 2K x N, and it
+    still runs the three products)."""
+    return math.prod(packed) * 3 // 2 if len(packed) == 4 else math.prod(packed)
+
+
 def event_macs(name: str, shapes: list[list[int]]) -> int:
     """MACs of one recorded op from its input shapes (0 for ops that are not GEMMs or convolutions)."""
     if name == "aten::mm":
@@ -50,13 +57,13 @@ def event_macs(name: str, shapes: list[list[int]]) -> int:
         # The only strided convs in these models are the patchify/downsampling ones (stride = kernel).
         stride = kh if kh == kw and kh in (2, 4) and cin_per_group == shapes[0][1] else 1
         return b * cout * cin_per_group * kh * kw * (h // stride) * (w // stride)
-    # split-bfloat16 GEMMs on AMX (upernet_fast/kernels/gemm_bf16x3.py): MKL called from C, so the op itself
-    # is counted, in bfloat16 MACs (3 per float32 MAC), as conv_bf16x3's oneDNN passes are
-    if name == "upernet_fast::mlp_bf16x3_torch":  # (y, x, w1 (3C, N), b1, w2 (3N, C), b2, eps)
+    # split-bfloat16 GEMMs on AMX (upernet_fast/kernels/gemm_bf16x3.py): our AMX kernel or MKL called from C,
+    # so the op itself is counted, in bfloat16 MACs (3 per float32 MAC), as conv_bf16x3's oneDNN passes are
+    if name == "upernet_fast::mlp_bf16x3_torch":  # (y, x, w1, b1, w2, b2, eps)
         rows = shapes[0][0] * shapes[0][2] * shapes[0][3]
-        return rows * (math.prod(shapes[2]) + math.prod(shapes[4]))
-    if name == "upernet_fast::conv1x1_bf16x3_torch":  # (x, packed (3K, N), bias, relu)
-        return shapes[0][0] * shapes[0][2] * shapes[0][3] * math.prod(shapes[1])
+        return rows * (_split_macs(shapes[2]) + _split_macs(shapes[4]))
+    if name == "upernet_fast::conv1x1_bf16x3_torch":  # (x, packed, bias, relu)
+        return shapes[0][0] * shapes[0][2] * shapes[0][3] * _split_macs(shapes[1])
     if name == "mkldnn::_linear_pointwise":
         return math.prod(shapes[0][:-1]) * shapes[0][-1] * shapes[1][0]
     if name == "aten::_scaled_dot_product_flash_attention_for_cpu":

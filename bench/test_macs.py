@@ -57,3 +57,8 @@ def test_counts_the_bf16x3_gemms() -> None:
     p1, p2, b1, b2 = mx.pack_weight(w1), mx.pack_weight(w2), torch.zeros(40), torch.zeros(24)
     macs, by_op = count_macs(lambda t: mx.mlp_bf16x3_(y.copy_(t), t, p1, b1, p2, b2, 1e-6), x)
     assert by_op == {"upernet_fast::mlp_bf16x3_torch": 2 * 5 * 7 * 3 * 2 * 24 * 40}, by_op
+    if mx.amx_gemm_available():  # our AMX kernel's tiles hold 2K x N but it runs the same 3 products
+        x = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+        tiles = mx.pack_weight(torch.randn(64, 32), amx=True)
+        macs, by_op = count_macs(lambda t: mx.conv1x1_bf16x3(t, tiles, None, False), x)
+        assert by_op == {"upernet_fast::conv1x1_bf16x3_torch": 2 * 5 * 7 * 3 * 32 * 64}, by_op
