@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import upernet_fast
 from conftest import compare_logits, make_reference
 from upernet_fast import dispatch, tuning
+from upernet_fast.backbones import convnext
 from upernet_fast.kernels import gemm_bf16x3 as mx
 from upernet_fast.kernels import native
 
@@ -337,6 +338,33 @@ def test_swin_linears_as_bf16x3_match_transformers(monkeypatch, split):
         assert "default rule" in p["why"] and (split or "not bf16x3" in p["why"]), p
     strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
     assert not any("bf16x3" in p["impl"] for p in strict if p["part"].startswith(names))
+
+
+@runs_here
+@amx_here
+@pytest.mark.parametrize("split", [True, False])
+def test_convnext_downsampling_as_bf16x3_matches_transformers(monkeypatch, split):
+    """ConvNeXt's downsampling (LayerNorm + 2x2 stride-2 conv) as one bf16x3 GEMM over the normalised 2x2
+    patches, the LayerNorm's affine folded in (forced by the default rule; in features 4 x 32..96 and out
+    features multiples of 32), or not; odd map sizes, so the conv drops a last row or column."""
+    ref = make_reference("convnext", backbone_overrides={"hidden_sizes": [32, 64, 96, 128]}, hidden_size=64)
+    monkeypatch.setattr(dispatch, "BF16X3_1X1_WINS", (0, 0) if split else (10**6, 0))
+    ran: list = []
+    real = convnext.ConvNextStage._downsample_bf16x3
+    monkeypatch.setattr(
+        convnext.ConvNextStage, "_downsample_bf16x3", lambda s, x: ran.append(1) or real(s, x)
+    )
+    fast = upernet_fast.load(ref, tune=False)
+    x = torch.randn(2, 3, 75, 101, generator=torch.Generator().manual_seed(1))  # stage maps 18x25, 9x12, 4x6
+    with torch.no_grad():
+        compare_logits(ref(x).logits, fast(x).logits, 1e-4)
+    assert len(ran) == (3 if split else 0)
+    notes = [p for p in fast.plan(75, 101, batch=2) if p["part"].startswith("downsampling_layer")]
+    assert [p["layer"] for p in notes] == [f"backbone.encoder.stages.{i}" for i in range(1, 4)]
+    for p in notes:
+        assert ("bf16x3 GEMM" in p["impl"]) == split and "default rule" in p["why"], p
+    strict = upernet_fast.load(ref, bf16x3=False).plan(75, 101)
+    assert not any("bf16x3" in p["impl"] for p in strict if p["part"].startswith("downsampling_layer"))
 
 
 def test_linear_bf16x3_choice_says_why_not(monkeypatch):

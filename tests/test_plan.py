@@ -52,6 +52,10 @@ def test_convnext_notes_the_mlp_path_it_runs(monkeypatch, dtype, native_bf16):
     _spy(monkeypatch, convnext.ConvNextLayer, "_forward_onednn", ran)
     model = upernet_fast.load(make_reference("convnext"), tune=False, dtype=dtype)
     notes = _backbone_notes(model)
+    down = [p for p in notes if p["part"].startswith("downsampling_layer")]
+    assert [p["layer"] for p in down] == [f"backbone.encoder.stages.{i}" for i in range(1, 4)]
+    assert all(p["impl"] == "LayerNorm + oneDNN conv" for p in down), down  # 4 x 16..32: not multiples of 32
+    notes = [p for p in notes if p not in down]
     mlp = [p for p in notes if "(MLP)" in p["part"]]
     assert [p["layer"] for p in mlp] == [f"backbone.encoder.stages.{i}" for i in range(4)]
     onednn = ONEDNN_CONV and native_bf16 is not False

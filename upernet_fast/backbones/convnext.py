@@ -7,7 +7,9 @@ convolutions on the channels-last map, GELU and the residual add fused as post-o
 (`mkldnn._convolution_pointwise`): the fastest of the three variants measured
 (bench/results/decisions.md, "ConvNeXt MLP"; `fused_linear.mlp_rows_` stays the path for other activations).
 On a CPU with AMX-BF16 the float32 MLP of a stage may instead run as split-bfloat16 GEMMs with a float32
-result (`kernels/gemm_bf16x3.py`, decided per stage by `dispatch.mlp_bf16x3_choice`).
+result (`kernels/gemm_bf16x3.py`, decided per stage by `dispatch.mlp_bf16x3_choice`), and a stage's
+downsampling (LayerNorm, then a 2x2 stride-2 conv: a Linear over 2x2 patches) as one such GEMM on the
+patches, the LayerNorm's affine folded in (`dispatch.linear_bf16x3_choice`).
 Parameter names are transformers'.
 """
 
@@ -19,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dispatch import mlp_bf16x3_decided, note_mlp_bf16x3
+from ..dispatch import linear_bf16x3_choice, mlp_bf16x3_decided, note_mlp_bf16x3
 from ..folding import cached
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
 from ..kernels._common import onednn_prepacked
-from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
+from ..kernels.gemm_bf16x3 import conv1x1_bf16x3, mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear_plan, mlp_rows_, normalize, onednn_blocker
 
@@ -196,10 +198,53 @@ class ConvNextStage(nn.Module):
             self.downsampling_layer = nn.ModuleList()
         self.layers = nn.ModuleList([ConvNextLayer(out_dim, act, ls) for _ in range(depth)])
 
-    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+    def downsample(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
+        """LayerNorm + patchify conv (none for the first stage); ``bf16x3``: as one split-bfloat16 GEMM on
+        the normalised s x s patches (eager CPU float32 inference on AMX; `ConvNextBackbone` decides)."""
+        if bf16x3:
+            return self._downsample_bf16x3(x)
         for layer in self.downsampling_layer:
             x = layer(x)
         return x
+
+    def downsample_features(self) -> tuple[int, int, int] | None:
+        """(stride, in features, out features) of the downsampling conv as a Linear over its s x s patches,
+        or None without one (or a conv that is not a patchify conv)."""
+        if not self.downsampling_layer:
+            return None
+        conv = self.downsampling_layer[1]
+        s = conv.stride[0]
+        if conv.kernel_size != (s, s) or conv.stride != (s, s) or conv.padding != (0, 0) or conv.groups != 1:
+            return None
+        return s, s * s * conv.in_channels, conv.out_channels
+
+    def _downsample_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv as ``conv1x1_bf16x3`` weights over (row, column, channel)-ordered patches, the LayerNorm's
+        affine folded in (float64): W'[n, i, j, c] = W[n, c, i, j] γ[c], b' = b + Σ W[n, c, i, j] β[c]."""
+        norm, conv = self.downsampling_layer
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            w = conv.weight.detach().double().permute(0, 2, 3, 1)  # (N, s, s, C)
+            b = (
+                torch.zeros(w.shape[0], dtype=torch.float64)
+                if conv.bias is None
+                else conv.bias.detach().double()
+            )
+            b = b + (w * norm.bias.detach().double()).sum((1, 2, 3))
+            w = (w * norm.weight.detach().double()).reshape(w.shape[0], -1)
+            return pack_weight(w.float()), b.float().contiguous()
+
+        return cached(self, "downsample_bf16x3", [norm.weight, norm.bias, conv.weight, conv.bias], build)
+
+    def _downsample_bf16x3(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.downsampling_layer[0]
+        s = self.downsample_features()[0]
+        b, c, h, w = x.shape
+        h2, w2 = h // s, w // s  # a stride-s conv without padding drops the last h % s rows, w % s columns
+        y = normalize(x.permute(0, 2, 3, 1)[:, : s * h2, : s * w2], norm.eps)  # affine-free (folded)
+        patches = y.reshape(b, h2, s, w2, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, s * s * c)
+        packed, bias = self._downsample_packed()
+        return conv1x1_bf16x3(patches.permute(0, 3, 1, 2), packed, bias, False)
 
     def forward(self, x: torch.Tensor, bf16x3: bool = False) -> torch.Tensor:
         x = self.downsample(x)
@@ -256,7 +301,10 @@ class ConvNextBackbone(Backbone):
         eager = eager_inference()
         noting = plan is not None and not plan.frozen and eager
         for stage in self.encoder.stages:
-            x = stage.downsample(x)
+            down = self._downsample_bf16x3(plan, stage, x) if eager else (False, "")
+            if noting and stage.downsampling_layer:
+                self._note_downsample(plan, stage, x, down)
+            x = stage.downsample(x, down[0])
             bf16x3, why_bf16x3 = self._mlp_bf16x3(plan, stage, x) if eager else (False, "")
             if noting:
                 self._note_mlp(plan, stage, x, bf16x3, why_bf16x3)
@@ -271,6 +319,36 @@ class ConvNextBackbone(Backbone):
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
+
+    def _downsample_bf16x3(
+        self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor
+    ) -> tuple[bool, str]:
+        """(bf16x3?, why) for `stage`'s downsampling of inputs like `x` (B, C, H, W), once per plan: as the
+        Linear over s x s patches it is (`dispatch.linear_bf16x3_choice`)."""
+        features = stage.downsample_features()
+        if features is None:
+            return False, "" if not stage.downsampling_layer else "not a patchify conv"
+        s, c_in, c_out = features
+        b, _, h, w = x.shape
+        choose = lambda: linear_bf16x3_choice(plan, x, (c_in, c_out), (b, h // s, w // s))  # noqa: E731
+        return choose() if plan is None else plan.decide(stage, "downsample-bf16x3", choose)
+
+    def _note_downsample(
+        self, plan: Plan, stage: ConvNextStage, x: torch.Tensor, down: tuple[bool, str]
+    ) -> None:
+        conv = stage.downsampling_layer[1]
+        k = "x".join(map(str, conv.kernel_size))
+        part = (
+            f"downsampling_layer (LayerNorm + {k} conv): {conv.in_channels}->{conv.out_channels}, {x.dtype}"
+        )
+        if down[0]:
+            plan.note(
+                stage, part, "bf16x3 GEMM on the normalised patches (split bfloat16, our AMX kernel)", down[1]
+            )
+        else:
+            plan.note(
+                stage, part, "LayerNorm + oneDNN conv", f"not bf16x3: {down[1]}" if down[1] else "default"
+            )
 
     def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> tuple[bool, str]:
         """(bf16x3?, why) for `stage`'s MLPs on inputs like `x` (the stage's downsampled input)."""
