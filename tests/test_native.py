@@ -4,12 +4,14 @@ build fails. Their numerics are tested in test_winograd.py."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from upernet_fast.kernels import native
+from upernet_fast.kernels import _common, native
 from upernet_fast.kernels.winograd import conv3x3_winograd, winograd_weight
 
 
@@ -52,9 +54,6 @@ def test_failed_build_warns_and_winograd_falls_back(fresh_library, monkeypatch):
 def test_switches_are_read_from_the_environment():
     """UPERNET_FAST_HUGEPAGES=0 leaves buffers unadvised; UPERNET_FAST_NATIVE=0 keeps the C helpers off
     (both as a fresh process sees them)."""
-    import subprocess
-    import sys
-
     code = (
         "from upernet_fast.kernels import _memory, native; "
         "print(_memory._madvise is None, native.library() is None)"
@@ -91,3 +90,33 @@ def test_build_is_keyed_by_the_isa_and_cpu(fresh_library, monkeypatch):
     monkeypatch.setattr(native, "cpu_model", lambda: "Some Other CPU @ 1.0GHz")
     assert native.library() is not None
     assert len(list(fresh_library.glob("upernet_fast_native-*.so"))) == 2
+
+
+@pytest.mark.parametrize("cap", ["avx2", "baseline"])
+def test_isa_cap_runs_as_a_lesser_cpu(tmp_path, cap):
+    """``UPERNET_FAST_ISA`` hides what a lesser CPU lacks (for ``avx2``: AVX-512, AMX, native bf16, as on
+    the AVX2-only AMD EPYC kind): the helpers are built for that level and the AMX/bf16 paths are off."""
+    code = (
+        "from upernet_fast import dispatch\n"
+        "from upernet_fast.kernels import gemm_bf16x3, native\n"
+        "hidden = any(f.startswith(('avx512', 'amx')) for f in native.cpu_flags())\n"
+        "name = native.library()._name.rsplit('/', 1)[-1]\n"
+        "print(native.isa(), name.split('-')[1], hidden, dispatch.native_bf16(), dispatch.amx_bf16(),"
+        " gemm_bf16x3.amx_gemm_available())"
+    )
+    env = {**os.environ, _common.ISA_ENV_VAR: cap, native.CACHE_ENV_VAR: str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    real = native.isa()  # this process: no cap
+    expected = min(real, cap, key=_common.ISA_LEVELS.index)
+    assert run.stdout.split() == [expected, expected, "False", "False", "False", "False"], run.stdout
+
+
+def test_isa_cap_refuses_an_unknown_level(monkeypatch):
+    monkeypatch.setenv(_common.ISA_ENV_VAR, "avx1024")
+    with pytest.raises(
+        ValueError, match="UPERNET_FAST_ISA='avx1024' is not an ISA level; use one of baseline"
+    ):
+        _common.isa_cap()
+    monkeypatch.setenv(_common.ISA_ENV_VAR, "AVX512")  # the top level, any case: no cap
+    assert _common.isa_cap() is None

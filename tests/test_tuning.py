@@ -101,7 +101,8 @@ def test_every_plan_the_calibration_can_pick_matches_transformers(
     with torch.no_grad():
         compare_logits(wide_reference(x).logits, fast(x).logits, REL_TOL)
     plan = fast.plan(133, 197)
-    tuned = [p for p in plan if p["why"] in (f"forced {forced}", f"forced {forced}; forced split {split}")]
+    # a direct conv also says why it is (not) bf16x3: forced here, or why not on this CPU (no AMX-BF16)
+    tuned = [p for p in plan if p["why"].split(";")[0] == f"forced {forced}"]
     assert tuned, plan
     expected = f"Winograd F({forced}x{forced})" if forced else "oneDNN/MKL"
     expected = "bf16x3 (split bfloat16 on AMX)" if split else expected

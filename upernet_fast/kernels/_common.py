@@ -47,6 +47,24 @@ def env_switch(name: str, default: bool = True) -> bool:
     raise ValueError(f"{name}={value!r} is not a switch; use 1 or 0 (or true/false, on/off, yes/no)")
 
 
+ISA_ENV_VAR = "UPERNET_FAST_ISA"
+ISA_LEVELS = ("baseline", "avx2", "avx512")  # ascending
+
+
+def isa_cap() -> str | None:
+    """``UPERNET_FAST_ISA`` (``avx2`` or ``baseline``; ``avx512`` or unset: no cap): run this package as on a
+    CPU without the features above that level (AVX-512, AMX, native bf16; for ``baseline`` also AVX2/FMA), to
+    test the paths another CPU kind takes. It only lowers: the real CPU's features are an upper bound.
+    PyTorch's own kernels follow ``ATEN_CPU_CAPABILITY``, oneDNN ``ONEDNN_MAX_CPU_ISA``, MKL
+    ``MKL_ENABLE_INSTRUCTIONS``."""
+    value = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if not value or value == ISA_LEVELS[-1]:
+        return None
+    if value not in ISA_LEVELS:
+        raise ValueError(f"{ISA_ENV_VAR}={value!r} is not an ISA level; use one of {', '.join(ISA_LEVELS)}")
+    return value
+
+
 def register_ops(
     name: str,
     impls: Mapping[str, Callable],
@@ -185,6 +203,8 @@ def bilerp(base, i0, i1, j0, j1, l0h, l1h, l0w, l1w, s_h, s_w, mask):
 @cache
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    if isa_cap() is not None:  # native bf16 needs AVX-512 (AVX512-BF16) or AMX
+        return False
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import env_switch
+from ._common import ISA_LEVELS, env_switch, isa_cap
 
 ENV_VAR = "UPERNET_FAST_NATIVE"
 CACHE_ENV_VAR = "UPERNET_FAST_CACHE"
@@ -99,17 +99,27 @@ ISA_FLAGS = {
 }
 
 
+# Flags hidden by each ``UPERNET_FAST_ISA`` cap (prefixes): what a CPU of that level lacks.
+_ABOVE_CAP = {"avx2": ("avx512", "amx", "avx_vnni"), "baseline": ("avx512", "amx", "avx_vnni", "avx2", "fma")}
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty where there is none)."""
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty where there is none), without
+    those above the ``UPERNET_FAST_ISA`` cap (``_common.isa_cap``)."""
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    cap = isa_cap()
+    if cap is not None:
+        flags = frozenset(f for f in flags if not f.startswith(_ABOVE_CAP[cap]))
+    return flags
 
 
 @functools.cache
@@ -132,8 +142,9 @@ def isa() -> str:
     ``baseline``. Read from the CPU itself, falling back to PyTorch's own capability check."""
     flags = cpu_flags()
     if not flags:
-        cap = torch.backends.cpu.get_cpu_capability()
-        return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "baseline")
+        level = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "baseline")
+        cap = isa_cap()
+        return level if cap is None else min(level, cap, key=ISA_LEVELS.index)
     if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
         return "avx512"
     if {"avx2", "fma"} <= flags:
