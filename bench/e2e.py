@@ -166,6 +166,17 @@ def machine_info() -> dict[str, Any]:
         cpu_kind=cpu_kind(),
         isa=native.isa(),
         isa_flags=sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        # ISA caps in force (UPERNET_FAST_ISA and PyTorch's, oneDNN's, MKL's own): flags above are then hidden
+        isa_caps={
+            k: os.environ[k]
+            for k in (
+                "UPERNET_FAST_ISA",
+                "ATEN_CPU_CAPABILITY",
+                "ONEDNN_MAX_CPU_ISA",
+                "MKL_ENABLE_INSTRUCTIONS",
+            )
+            if os.environ.get(k)
+        },
         native_bf16=dispatch.native_bf16(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
@@ -182,11 +193,13 @@ def machine_info() -> dict[str, Any]:
 def cpu_kind() -> str:
     """A short name for the kind of CPU (one results file per kind): vendor, vector ISA, AMX."""
     from upernet_fast.kernels import native
+    from upernet_fast.kernels._common import isa_cap
 
     model = native.cpu_model().lower()
     vendor = "amd" if ("amd" in model or "epyc" in model) else "intel" if "intel" in model else "cpu"
     amx = "-amx" if "amx_bf16" in native.cpu_flags() else ""
-    return f"{vendor}-{native.isa()}{amx}"
+    capped = "-capped" if isa_cap() is not None else ""  # UPERNET_FAST_ISA: a lesser CPU, emulated
+    return f"{vendor}-{native.isa()}{amx}{capped}"
 
 
 def ort_runner(ref: torch.nn.Module, x: torch.Tensor) -> Any:
