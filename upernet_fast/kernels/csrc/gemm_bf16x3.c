@@ -103,37 +103,30 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void amx_block(const 
         }
     }
     const uint16_t *a1 = a + 32 * k; /* row 16 */
+/* One product of the A piece at column OFF (rows 0-15 in tile 4, rows 16-31 in tile 5) with the two W tiles
+ * in 6 and 7, into the 2x2 accumulators 0-3. Tile numbers must be constants: hence a macro. */
+#define AMX_PRODUCT(OFF)                     \
+    do {                                     \
+        _tile_loadd(4, a + (OFF), lda);      \
+        _tile_dpbf16ps(0, 4, 6);             \
+        _tile_dpbf16ps(1, 4, 7);             \
+        if (two) {                           \
+            _tile_loadd(5, a1 + (OFF), lda); \
+            _tile_dpbf16ps(2, 5, 6);         \
+            _tile_dpbf16ps(3, 5, 7);         \
+        }                                    \
+    } while (0)
     for (int i = k0; i < k1; i += 32) {
         long t = (i / 32) * 512;
-        _tile_loadd(4, a + i, lda); /* hi Wh */
         _tile_loadd(6, wh0 + t, 64);
         _tile_loadd(7, wh1 + t, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-            _tile_loadd(5, a1 + i, lda);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_loadd(4, a + k + i, lda); /* lo Wh */
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-            _tile_loadd(5, a1 + k + i, lda);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_loadd(4, a + i, lda); /* hi Wl */
+        AMX_PRODUCT(i);     /* hi Wh */
+        AMX_PRODUCT(k + i); /* lo Wh */
         _tile_loadd(6, wl0 + t, 64);
         _tile_loadd(7, wl1 + t, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-            _tile_loadd(5, a1 + i, lda);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
+        AMX_PRODUCT(i); /* hi Wl */
     }
+#undef AMX_PRODUCT
     _tile_stored(0, c, ldc * 4);
     _tile_stored(1, c + 16, ldc * 4);
     if (two) {
