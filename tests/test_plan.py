@@ -12,7 +12,7 @@ import upernet_fast
 from conftest import make_reference
 from upernet_fast import dispatch
 from upernet_fast.backbones import convnext, fused_linear, swin
-from upernet_fast.kernels import native, resize, winograd
+from upernet_fast.kernels import _common, native, resize, winograd
 
 ONEDNN = fused_linear.use_onednn(torch.zeros(1))  # CPU float32 with oneDNN: this PyTorch build
 ONEDNN_CONV = ONEDNN and convnext._CONV_POINTWISE is not None
@@ -46,10 +46,10 @@ def _spy(monkeypatch, owner, name: str, calls: list, record=lambda out, *a, **k:
 def test_convnext_notes_the_mlp_path_it_runs(monkeypatch, dtype, native_bf16):
     """One note per stage; oneDNN 1x1 convs exactly when `_forward_onednn` runs (CPU float32, or bf16 on a
     CPU with native bf16: forced both ways here), else the row-chunked path and its two Linears."""
-    if native_bf16 and not fused_linear.native_bf16():
+    if native_bf16 and not _common.native_bf16():
         pytest.skip("no native bf16 on this CPU: oneDNN refuses bf16 convs, so it cannot be forced on")
     if native_bf16 is not None:
-        monkeypatch.setattr(fused_linear, "native_bf16", lambda: native_bf16)
+        monkeypatch.setattr(_common, "native_bf16", lambda: native_bf16)  # oneDNN's own bf16 rule
     ran: list = []
     _spy(monkeypatch, convnext.ConvNextLayer, "_forward_onednn", ran)
     model = upernet_fast.load(make_reference("convnext"), tune=False, dtype=dtype)

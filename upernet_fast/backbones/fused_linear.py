@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
-from ..kernels._common import native_bf16
 from ..kernels._common import onednn_blocker as onednn_unusable
 from ..kernels.gemm_bf16x3 import conv1x1_bf16x3, pack_weight
 
@@ -35,8 +34,8 @@ FUSED_ACT = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "r
 
 def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
     """Why oneDNN's fused ops cannot run on `x` here, or None when they can (`use_onednn`): where
-    `kernels._common.onednn_blocker` allows oneDNN, float32 (and bfloat16 if `bf16`, on a CPU with native
-    bf16). Constant strings: this runs on every Linear call."""
+    `kernels._common.onednn_blocker` allows oneDNN (bfloat16 only on a CPU with native bf16), float32 (and
+    bfloat16 if `bf16`). Constant strings: this runs on every Linear call."""
     if _LINEAR_POINTWISE is None:
         return "this PyTorch build has no oneDNN pointwise ops"
     blocker = onednn_unusable(x)
@@ -47,8 +46,6 @@ def onednn_blocker(x: torch.Tensor, bf16: bool = False) -> str | None:
             return "the oneDNN path is for float32 and bfloat16"
         if not bf16:  # Swin-T measured: no gain, lower argmax agreement
             return "bfloat16 Linears stay on MKL, see bench/results/decisions.md, ConvNeXt MLP"
-        if not native_bf16():
-            return "bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): oneDNN would emulate it"
     return None
 
 

@@ -234,7 +234,9 @@ def onednn_blocker(x: torch.Tensor) -> str | None:
     """Why oneDNN's fused-post-op convolutions and Linears cannot run on ``x`` here, or None when they can:
     eager, CPU, oneDNN enabled and available. (Under torch.compile the plain ops are traced instead:
     Inductor fuses those itself, and dynamo refuses to trace ``torch.backends.mkldnn.is_available``.)
-    The one place for these conditions; callers add their own dtype and layout rules."""
+    bfloat16 only on a CPU with native bf16: elsewhere oneDNN refuses bf16 convs ("bf16 path needs the cpu
+    support ...") and would emulate bf16 Linears. The one place for these conditions; callers add their own
+    dtype and layout rules."""
     if torch.compiler.is_compiling():
         return "torch.compile traces the plain ops"
     if x.device.type != "cpu":
@@ -243,4 +245,6 @@ def onednn_blocker(x: torch.Tensor) -> str | None:
         return "oneDNN switched off (torch.backends.mkldnn.enabled)"
     if not torch.backends.mkldnn.is_available():
         return "oneDNN is not available"
+    if x.dtype == torch.bfloat16 and not native_bf16():
+        return "bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): oneDNN would refuse or emulate it"
     return None

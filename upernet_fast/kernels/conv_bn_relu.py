@@ -30,15 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import CONV_POINTWISE as _CONV_POINTWISE
-from ._common import (
-    check_triton_tensors,
-    native_bf16,
-    onednn_blocker,
-    out_memory_format,
-    register_ops,
-    tl,
-    triton,
-)
+from ._common import check_triton_tensors, onednn_blocker, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .fpn import topdown_add_torch, topdown_add_triton
 from .winograd import check_low, conv3x3_winograd
@@ -176,12 +168,12 @@ def onednn_weight_useful(x: torch.Tensor, weight: torch.Tensor, gemm: bool | Non
 
 def _relu_post_op_possible(x: torch.Tensor) -> bool:
     """Whether oneDNN's conv with a fused ReLU post-op runs on ``x``: eager, CPU float32, or bfloat16 on a
-    CPU with native bf16 (elsewhere oneDNN refuses a bf16 conv: "bf16 path needs the cpu support ..."),
-    channels-last (its output is channels-last, as ``F.conv2d``'s is for that input), oneDNN on."""
+    CPU with native bf16 (``onednn_blocker``), channels-last (its output is channels-last, as
+    ``F.conv2d``'s is for that input), oneDNN on."""
     return (
         _CONV_POINTWISE is not None
         and onednn_blocker(x) is None
-        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and native_bf16()))
+        and x.dtype in (torch.float32, torch.bfloat16)
         and out_memory_format(x) == torch.channels_last
     )
 
