@@ -347,8 +347,8 @@ class ConvNextBackbone(Backbone):
             )
         else:
             plan.note(
-                stage, part, "LayerNorm + oneDNN conv", f"not bf16x3: {down[1]}" if down[1] else "default"
-            )
+                stage, part, "LayerNorm + oneDNN conv", f"not bf16x3: {down[1]}"
+            )  # why is never empty here
 
     def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> tuple[bool, str]:
         """(bf16x3?, why) for `stage`'s MLPs on inputs like `x` (the stage's downsampled input)."""
