@@ -42,6 +42,34 @@ def test_three_level_backbones(kind, stages):
 
 
 @pytest.mark.parametrize("kind", BACKBONES)
+@pytest.mark.parametrize("stages", [["stage4"], ["stage2", "stage4"]])
+def test_one_and_two_level_backbones(kind, stages):
+    """One level: the PPM output alone feeds fpn_bottleneck (no laterals, no FPN convs)."""
+    ref, fast = _pair(kind, out_features=stages, use_auxiliary_head=False)
+    x = torch.randn(2, 3, 64, 97, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        compare_logits(ref(x).logits, fast(x).logits, REL_TOL)
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin"])
+def test_loaded_inside_inference_mode(kind, tmp_path):
+    """A model loaded (and cast) inside torch.inference_mode() has inference-tensor parameters, which have
+    no version counter: the folded-weight cache must still work, inside inference mode and after it."""
+    ref = make_reference(kind)
+    ref.save_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        expected = ref(x).logits
+        from_dir, from_module = upernet_fast.load(tmp_path), upernet_fast.load(ref)
+        assert next(from_dir.parameters()).is_inference()
+        compare_logits(expected, from_dir(x).logits, REL_TOL)
+        cast = upernet_fast.load(ref).to(torch.bfloat16)
+        assert torch.isfinite(cast(x.bfloat16()).logits).all()
+    with torch.no_grad():
+        compare_logits(expected, from_module(x).logits, REL_TOL)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
 def test_non_default_head(kind):
     ref, fast = _pair(kind, hidden_size=24, pool_scales=[1, 3, 5, 9], num_labels=11, use_auxiliary_head=False)
     assert fast.auxiliary_head is None

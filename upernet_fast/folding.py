@@ -16,9 +16,16 @@ import torch
 T = TypeVar("T")
 
 
+def version(t: torch.Tensor) -> int:
+    """`t`'s in-place version counter; -1 for an inference tensor (made under `torch.inference_mode()`, e.g. a
+    model loaded there), which has none. Such a tensor can only be edited in place inside inference mode,
+    where nothing can see it: the one change this cache then misses (`load_state_dict` replaces it)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _key(sources: Sequence[torch.Tensor | None]) -> tuple:
     return tuple(
-        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources
+        None if t is None else (t.data_ptr(), version(t), t.dtype, t.device, tuple(t.shape)) for t in sources
     )
 
 

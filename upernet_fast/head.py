@@ -209,6 +209,8 @@ class UperNetHead(nn.Module):
         n = len(laterals)
         for i in range(n - 1, 1, -1):
             laterals[i - 1] = ops.topdown_add(laterals[i - 1], laterals[i])
+        if n == 1:  # a one-level backbone: the PPM output is fpn_bottleneck's whole input
+            return self.classify(self._fused_bottleneck(self.fpn_bottleneck, laterals[0], [], ops))
         # level 0's top-down sum is fpn_convs[0]'s input only: formed inside its conv (its Winograd
         # transform, where it runs as one: the largest map of the head is then never written)
         fpn_outs = [self.fpn_convs[0](laterals[0], ops, low=laterals[1])]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import linear_bf16x3_choice, mlp_bf16x3_decided, note_mlp_bf16x3
-from ..folding import cached
+from ..folding import cached, version
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear, linear_plan, mlp_rows_, normalize, plain_weights
@@ -283,9 +283,9 @@ class SwinLayer(nn.Module):
     def _bias_mask(self, hp: int, wp: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Relative position bias (+ shift mask): (1, heads, N, N) or (num_windows, heads, N, N)."""
         table = self.attention.self.relative_position_bias_table
-        # Cache only when no autograd graph can need it; `_version` changes on every in-place load/copy_.
+        # Cache only when no autograd graph can need it; the version changes on every in-place load/copy_.
         cacheable = eager_inference()
-        key = (hp, wp, dtype, device, table._version, table.data_ptr())
+        key = (hp, wp, dtype, device, version(table), table.data_ptr())
         if cacheable and (hit := self._cache.get(key)) is not None:
             return hit
         n = self.window_size**2
