@@ -466,6 +466,36 @@ def test_resume_does_not_trust_a_name_that_moved(tmp_path, capsys):
     assert Image.open(out / "x.png").size == (30, 50) and Image.open(out / "x_png.png").size == (60, 40)
 
 
+def test_resume_remembers_owners_across_runs_over_other_inputs(tmp_path, capsys):
+    """a/x.png, then c/y.png, then b/x.png into one folder: the second run keeps the first run's record
+    (x.png is a/x.png's), so the third rewrites x.png for b/x.png instead of taking a/x.png's map."""
+    out = tmp_path / "o"
+    for path, size, seed in [("a/x.png", (40, 60), 1), ("c/y.png", (30, 30), 2), ("b/x.png", (50, 20), 3)]:
+        _save(tmp_path / path, *size, seed=seed)
+        assert cli.main(["segment", str(tmp_path / path), "--out", str(out), "--quiet"]) == 0
+    assert "wrote 1 label map" in capsys.readouterr().err.splitlines()[-1]
+    assert Image.open(out / "x.png").size == (20, 50)
+    records = _manifest(out)
+    assert [(Path(r["input"]).parent.name, r["status"]) for r in records] == [("b", "written"), ("c", "written")]
+
+
+@pytest.mark.parametrize("overlay", [False, True])
+def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, overlay):
+    """`segment photo.png --out .` would replace the photo with its label map (and a rerun would take the
+    photo for its finished output); likewise an overlay name that is an input. Refused, nothing written."""
+    name = "photo_overlay.png" if overlay else "photo.png"
+    _save(tmp_path / "photo.png", 40, 60, seed=1)
+    if overlay:
+        _save(tmp_path / name, 40, 60, seed=2)
+    before = (tmp_path / name).read_bytes()
+    args = ["segment", str(tmp_path / "photo.png"), *([str(tmp_path / name)] if overlay else [])]
+    for extra in ([], ["--overwrite"]):
+        code = cli.main([*args, "--out", str(tmp_path), "--quiet", *extra, *(["--overlay"] if overlay else [])])
+        assert code == 2
+        assert f"would overwrite the input {tmp_path / name}" in capsys.readouterr().err
+    assert (tmp_path / name).read_bytes() == before and not (tmp_path / "manifest.jsonl").exists()
+
+
 def test_adding_overlay_on_rerun_writes_only_the_overlays(tmp_path):
     src = _folder(tmp_path, 2)
     out = tmp_path / "o"

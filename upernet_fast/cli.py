@@ -32,6 +32,8 @@ from .outputs_writer import (
     TEMP_SUFFIX,
     Manifest,
     OutputItem,
+    earlier_records,
+    inputs_overwritten,
     is_complete,
     owned_by,
     plan_outputs,
@@ -236,6 +238,7 @@ def segment_files(args: argparse.Namespace, tally: _Tally) -> int:
         errors.append("no images found in " + " ".join(args.inputs))
     elif not any(item.source.exists() for item in items):  # some missing: reported per file, the rest run
         errors.extend(f"{item.source} does not exist" for item in items)
+    errors.extend(inputs_overwritten(items, args.out, args.overlay))
     if errors:
         for message in errors:
             _err(f"error: {message}")
@@ -265,7 +268,7 @@ def segment_files(args: argparse.Namespace, tally: _Tally) -> int:
                 setup = _load_segmenter(args)  # the Ray engine too: a bad model is a usage error here
                 if not isinstance(setup, _SegmenterSetup):
                     return setup
-            manifest = Manifest(out_dir, args.overlay)
+            manifest = Manifest(out_dir, args.overlay, earlier_records(out_dir, items))
             if args.engine == "ray":
                 from .distributed import run_on_ray
 

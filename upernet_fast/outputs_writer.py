@@ -14,7 +14,9 @@ Naming rule (each input gets its own files, the same ones on every run with the 
 
 `manifest.jsonl` in the output folder records, one JSON line per input: input, output, overlay, size
 ([height, width]), status ("written", "complete" = skipped because already written, "failed", "pending" =
-not reached) and error.
+not reached) and error; after them, earlier runs' lines about other outputs still in the folder, so whose
+file each one is survives runs over other inputs (a resumed run never takes another input's file for its
+own). An output that would overwrite an input file is refused before anything runs.
 
 PNGs are written to a temporary name in the same folder (`.<name>.<random>.tmp`, never `*.png`) and renamed
 into place, so a final name only ever holds a complete file: an output is complete when its final file
@@ -112,6 +114,18 @@ def plan_outputs(found: Iterable[tuple[Path, Path]]) -> list[OutputItem]:
     return items
 
 
+def inputs_overwritten(items: Sequence[OutputItem], out_dir: str | os.PathLike, overlay: bool) -> list[str]:
+    """One message per planned output that is an input file (`segment photo.png --out .`): writing it would
+    replace the user's image with a label map, and resuming would take the image for its own output."""
+    sources = {item.source.resolve(): item.source for item in items}
+    return [
+        f"output {path} would overwrite the input {sources[path.resolve()]}; choose another --out"
+        for item in items
+        for path in item.paths(out_dir, overlay)
+        if path.resolve() in sources
+    ]
+
+
 def write_png(image: Any, path: str | os.PathLike) -> None:
     """Save a PIL image as PNG atomically: to a temporary file in the same folder, then `os.replace`."""
     path = Path(path)
@@ -167,11 +181,31 @@ def owned_by(path: Path, source: Path, owners: dict[str, str]) -> bool:
     return owner is None or owner == str(source.resolve())
 
 
-class Manifest:
-    """`manifest.jsonl`, one line per input, flushed as each input finishes (a killed run keeps its record)."""
+def earlier_records(out_dir: str | os.PathLike, items: Iterable[OutputItem]) -> list[str]:
+    """The lines of an earlier run's manifest about outputs that `items` do not claim and whose files still
+    exist: kept in the new manifest, so a later run still knows whose outputs they are (`owned_by`)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    claimed = {str(p.resolve()) for item in items for p in item.paths(out_dir, overlay=True)}
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            outputs = [record[key] for key in ("output", "overlay") if record.get(key)]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # a line cut short by a killed run
+        if outputs and claimed.isdisjoint(outputs) and any(Path(o).is_file() for o in outputs):
+            kept.append(line)
+    return kept
 
-    def __init__(self, out_dir: str | os.PathLike, overlay: bool) -> None:
-        self.out_dir, self.overlay = Path(out_dir), overlay
+
+class Manifest:
+    """`manifest.jsonl`, one line per input, flushed as each input finishes (a killed run keeps its record);
+    then, at `close`, the earlier runs' lines about other outputs still in the folder (`earlier_records`)."""
+
+    def __init__(self, out_dir: str | os.PathLike, overlay: bool, earlier: Sequence[str] = ()) -> None:
+        self.out_dir, self.overlay, self.earlier = Path(out_dir), overlay, list(earlier)
         self._file = open(self.out_dir / MANIFEST, "w", encoding="utf-8")
 
     def record(
@@ -189,6 +223,8 @@ class Manifest:
         self._file.flush()
 
     def close(self) -> None:
+        for line in self.earlier:
+            self._file.write(line + "\n")
         self._file.close()
 
 
@@ -198,6 +234,8 @@ __all__ = [
     "Manifest",
     "OutputItem",
     "collect_inputs",
+    "earlier_records",
+    "inputs_overwritten",
     "is_complete",
     "owned_by",
     "plan_outputs",
