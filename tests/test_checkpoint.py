@@ -54,6 +54,24 @@ def test_round_trip_through_transformers(kind, tmp_path):
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "upernet"
 
 
+def test_bf16_model_saves_and_reloads_as_bf16(tmp_path):
+    """save_pretrained of a bf16 model writes config `dtype` bfloat16 (as transformers does), so both loaders
+    give a bf16 model back with the same tensors, not the source config's float32."""
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / "src"
+    make_reference("convnext", seed=7).save_pretrained(src)  # config says float32
+    fast = upernet_fast.load(src, dtype="bfloat16")
+    fast.save_pretrained(tmp_path / "bf16")
+    raw = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert raw["dtype"] == "bfloat16" and "torch_dtype" not in raw
+    again = upernet_fast.load(tmp_path / "bf16")
+    assert again.dtype == torch.bfloat16
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    theirs = transformers.UperNetForSemanticSegmentation.from_pretrained(tmp_path / "bf16")
+    assert theirs.dtype == torch.bfloat16
+
+
 def test_in_memory_swin_layout_loads():
     ref = make_reference("swin", seed=4)
     fast = upernet_fast.load(ref)

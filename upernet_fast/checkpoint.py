@@ -280,6 +280,8 @@ def save(
 
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config.to_json_file(directory / "config.json")
+    # the tensors' dtype, as transformers writes it: a bf16 model reloads as bf16, not as the source's float32
+    floating = [v.dtype for v in state_dict.values() if v.is_floating_point()]
+    config.to_json_file(directory / "config.json", dtype=floating[0] if floating else None)
     state = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     save_file(state, str(directory / SAFE_SINGLE), metadata={"format": "pt"})

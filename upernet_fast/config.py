@@ -103,9 +103,15 @@ class UperNetConfig:
         out.setdefault("architectures", ["UperNetForSemanticSegmentation"])
         return out
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
+    def to_json_file(self, path: str | os.PathLike, dtype: Any = None) -> None:
+        """`dtype`: the weights' torch dtype, written as transformers does (`"dtype": "bfloat16"`, replacing
+        the older spelling `torch_dtype`, which must not contradict it)."""
+        raw = self.to_dict()
+        if dtype is not None:
+            raw.pop("torch_dtype", None)
+            raw["dtype"] = str(dtype).removeprefix("torch.")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(raw, f, indent=2, sort_keys=True)
             f.write("\n")
 
     @classmethod
