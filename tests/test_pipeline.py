@@ -128,6 +128,30 @@ def test_grayscale_and_rgba_become_rgb():
     assert preprocess.load_image(Image.fromarray(gray.astype(np.uint16) * 257)).mode == "RGB"
 
 
+def test_16_bit_and_float_pil_images_scale_by_mode(tmp_path):
+    """16-bit levels are scaled by the mode, not the values: a dark 16-bit image whose every level is
+    <= 255 stays dark (it was read as 8-bit levels, 257x too bright, unless one pixel exceeded 255).
+    Float ("F") images hold [0, 1] like float arrays; NaN and out-of-range values are refused."""
+    dark = np.full((40, 50), 200, np.uint16)
+    brighter = dark.copy()
+    brighter[0, 0] = 256
+    for arr in (dark, brighter):
+        Image.fromarray(arr).save(tmp_path / "x.png")
+        with Image.open(tmp_path / "x.png") as im:
+            assert im.mode.startswith("I")
+        got = np.asarray(preprocess.load_image(tmp_path / "x.png"))
+        assert (got[5:, 5:] == 1).all()  # 200 / 257 rounds to level 1
+    assert (np.asarray(preprocess.load_image(Image.fromarray(dark.astype(np.int32) * 257))) == 200).all()
+    with pytest.raises(ValueError, match="16-bit levels 0-65535"):
+        preprocess.load_image(Image.fromarray(np.full((4, 4), 70000, np.int32)))
+    ramp = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
+    expected = np.asarray(preprocess.load_image(ramp))
+    assert np.array_equal(np.asarray(preprocess.load_image(Image.fromarray(ramp, mode="F"))), expected)
+    ramp[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        preprocess.load_image(Image.fromarray(ramp, mode="F"))
+
+
 def test_keep_ratio_size_is_mmcv_rescale():
     assert preprocess.keep_ratio_size(3000, 4000, 512) == (512, 683)  # 4000 * 512/3000 = 682.67
     assert preprocess.keep_ratio_size(480, 640, 512, 2048) == (512, 683)

@@ -33,13 +33,19 @@ ImageInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of a PIL image of any mode (alpha composited onto white, 16-bit scaled to 8-bit)."""
+    """RGB version of a PIL image of any mode (alpha composited onto white). Integer modes "I;16*" and "I"
+    (how Pillow holds 16-bit PNG/TIFF data) are 16-bit levels, scaled to 8 bits by the mode, never by the
+    values (a dark 16-bit image stays dark); float mode "F" holds values in [0, 1] like float arrays."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
-        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr  # 16-bit range -> 8-bit
-        image = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(
+                f"integer (mode {image.mode}) images must hold 16-bit levels 0-65535, "
+                f"got range [{arr.min():g}, {arr.max():g}]"
+            )
+        image = Image.fromarray((arr / 257.0 + 0.5).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image) + 0.5, 0, 255).astype(np.uint8))
+        image = Image.fromarray(_float_to_uint8(np.asarray(image)))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -60,15 +66,13 @@ def upright(image: Image.Image, in_place: bool = False) -> Image.Image:
 def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Float pixels in [0, 1] -> uint8, rounded to the nearest level (the reverse of x / 255)."""
     if arr.size:
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if np.isnan(arr).any() or lo < 0.0 or hi > 1.0:
+        if np.isnan(arr).any():
+            raise ValueError(f"float images must not hold NaN, got {int(np.isnan(arr).sum())} NaN pixel value(s)")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"float images must hold values in [0, 1], got range [{lo:g}, {hi:g}]"
-                + (
-                    ""
-                    if not (lo < 0.0 or hi > 1.0)
-                    else " (pass uint8 for 0-255 images, and raw, not normalised, pixels)"
-                )
+                " (pass uint8 for 0-255 images, and raw, not normalised, pixels)"
             )
     return (arr.astype(np.float32) * 255.0 + 0.5).astype(np.uint8)
 
