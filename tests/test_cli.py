@@ -476,7 +476,10 @@ def test_resume_remembers_owners_across_runs_over_other_inputs(tmp_path, capsys)
     assert "wrote 1 label map" in capsys.readouterr().err.splitlines()[-1]
     assert Image.open(out / "x.png").size == (20, 50)
     records = _manifest(out)
-    assert [(Path(r["input"]).parent.name, r["status"]) for r in records] == [("b", "written"), ("c", "written")]
+    assert [(Path(r["input"]).parent.name, r["status"]) for r in records] == [
+        ("b", "written"),
+        ("c", "written"),
+    ]
 
 
 @pytest.mark.parametrize("overlay", [False, True])
@@ -490,7 +493,9 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, overlay):
     before = (tmp_path / name).read_bytes()
     args = ["segment", str(tmp_path / "photo.png"), *([str(tmp_path / name)] if overlay else [])]
     for extra in ([], ["--overwrite"]):
-        code = cli.main([*args, "--out", str(tmp_path), "--quiet", *extra, *(["--overlay"] if overlay else [])])
+        code = cli.main(
+            [*args, "--out", str(tmp_path), "--quiet", *extra, *(["--overlay"] if overlay else [])]
+        )
         assert code == 2
         assert f"would overwrite the input {tmp_path / name}" in capsys.readouterr().err
     assert (tmp_path / name).read_bytes() == before and not (tmp_path / "manifest.jsonl").exists()
@@ -569,3 +574,25 @@ def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path, capsys
     assert cli.main(["segment", str(src), "--out", str(out), "--quiet", "--overlay"]) == 0
     assert "2 already complete" in capsys.readouterr().err
     assert len(_manifest(out)) == 2 and not (out / "masks").exists()
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    """Bad sources, sizes and output paths for info / demo / export: the reason in one line, no traceback."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["demo", "--out", str(tmp_path / "afile")], 2, "is a file, not a folder"),
+        (["info", str(tmp_path / "missing")], 1, "does not exist"),
+        (["info", str(tmp_path / "empty")], 1, "no config file"),
+        (["info", "--plan", "--plan-size", "10x10"], 1, "smaller than the backbone's total stride"),
+        (
+            ["export", str(tmp_path / "empty"), "--out", str(tmp_path / "m.onnx"), "--opset", "3"],
+            1,
+            "below 18",
+        ),
+    ]
+    for argv, code, message in cases:
+        assert cli.main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "m.onnx").exists()

@@ -152,6 +152,38 @@ def test_convert_file_and_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "preprocessor_config.json").is_file()
 
 
+def test_convert_refuses_broken_input_and_existing_checkpoints(tmp_path, capsys):
+    """Nothing is written for a checkpoint that would not load (missing / extra tensor, wrong shape, no
+    classifier, not a checkpoint at all), and an existing checkpoint folder is kept unless --overwrite."""
+    from upernet_fast.cli import main
+
+    _, hf_sd, hf_config = _tiny("convnext", tmp_path)
+    good = cm.hf_to_mmseg(hf_sd, hf_config)
+    first = sorted(k for k in good if k.startswith("backbone."))[0]
+    broken = {
+        "missing": ({k: v for k, v in good.items() if k != first}, "1 missing key"),
+        "extra": ({**good, "decode_head.surplus.weight": torch.zeros(3)}, "unexpected key"),
+        "shape": ({**good, first: torch.zeros(7, 7)}, "shape mismatch"),
+        "no_classifier": (
+            {k: v for k, v in good.items() if not k.startswith("decode_head.conv_seg")},
+            "no 'decode_head.conv_seg.weight' tensor",
+        ),
+    }
+    for name, (state, message) in broken.items():
+        torch.save({"state_dict": state}, tmp_path / f"{name}.pth")
+        assert main(["convert", str(tmp_path / f"{name}.pth"), "--out", str(tmp_path / name)]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / name).exists(), name
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert main(["convert", str(tmp_path / "empty.pth"), "--out", str(tmp_path / "e")]) == 1
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+    torch.save({"state_dict": good}, tmp_path / "good.pth")
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert main(["convert", str(tmp_path / "good.pth"), "--out", str(tmp_path / "hf")]) == 1
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+    assert main(["convert", str(tmp_path / "good.pth"), "--out", str(tmp_path / "hf"), "--overwrite"]) == 0
+
+
 def test_swin_patch_merging_matches_mmseg_unfold():
     """mmseg's PatchMerging (nn.Unfold, channel-major) with mmseg weights == HF's with converted weights."""
     from transformers.models.swin.modeling_swin import SwinPatchMerging

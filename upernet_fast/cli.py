@@ -464,8 +464,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert_mmseg import convert_file
 
     try:
-        out = convert_file(args.checkpoint, args.out, pool_scales=args.pool_scales)
-    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        out = convert_file(args.checkpoint, args.out, pool_scales=args.pool_scales, overwrite=args.overwrite)
+    except (OSError, ValueError, NotImplementedError) as exc:
         _err(f"error: cannot convert {args.checkpoint}: {exc}")
         return 1
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}")
@@ -500,6 +500,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .palette import label_image, overlay, palette_for
     from .synthetic import mean_iou, sample
 
+    if (problem := _check_out_dir(Path(args.out))) is not None:
+        _err(f"error: {problem}")
+        return 2
     image_arr, truth = sample(DEMO_SEED, 0, DEMO_SIZE)
     image = Image.fromarray(image_arr)
     segmenter = Segmenter.from_pretrained(None, **_fast_path_kwargs(args))
@@ -647,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="PPM scales if the checkpoint does not record them (default 1 2 3 6)",
     )
+    conv.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     conv.set_defaults(func=cmd_convert)
 
     export = sub.add_parser("export", help="ONNX file of the model's fast graph (dynamic batch and size)")
@@ -671,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # e.g. while a model loads; `segment` handles its own with a summary
         _err("interrupted")
         return 130
+    except (OSError, ValueError) as exc:  # a bad source or size (info, demo): the message, not a traceback
+        _err(f"error: {args.command}: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,12 @@ def hf_to_mmseg(hf_state_dict: StateDict, config: dict[str, Any]) -> StateDict:
 # ----------------------------------------------------------------------------- files
 def load_mmseg_file(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
     """(state_dict, meta) of an mmseg `.pth` (a dict with "state_dict", or a bare state dict)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # mmseg meta holds plain objects
+    try:
+        checkpoint = torch.load(
+            path, map_location="cpu", weights_only=False
+        )  # mmseg meta holds plain objects
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as exc:  # empty, truncated, not a pickle/zip
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         return checkpoint["state_dict"], checkpoint.get("meta")
     if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -395,13 +401,33 @@ def save_hf(config: dict[str, Any], state_dict: StateDict, out_dir: str | os.Pat
 
 
 def convert_file(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, pool_scales: list[int] | None = None
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    pool_scales: list[int] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """mmseg `.pth` -> HF-format directory (config.json + model.safetensors + preprocessor_config.json)."""
+    """mmseg `.pth` -> HF-format directory (config.json + model.safetensors + preprocessor_config.json).
+
+    Nothing is written unless the converted weights load into the converted config exactly (every key,
+    no extra, every shape: `CheckpointError` names the problems otherwise), nor over a folder that already
+    holds a checkpoint unless `overwrite`."""
+    from .checkpoint import _tensor_entry, copy_state_dict
+    from .model import FastUperNet
     from .preprocess import processor_config
 
+    existing = [n for n in ("config.json", "model.safetensors") if (Path(out_dir) / n).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a checkpoint ({', '.join(existing)}); overwrite=True (CLI: --overwrite) replaces it"
+        )
     state_dict, meta = load_mmseg_file(checkpoint)
-    config, hf_state_dict = convert_mmseg_checkpoint(state_dict, meta, pool_scales=pool_scales)
+    try:
+        config, hf_state_dict = convert_mmseg_checkpoint(state_dict, meta, pool_scales=pool_scales)
+    except KeyError as exc:
+        raise ValueError(f"{checkpoint}: no {exc} tensor, which an mmseg UperNet checkpoint has") from None
+    model = FastUperNet.from_config(config)  # the check `load()` will make, before anything is written
+    copy_state_dict(model, {k: _tensor_entry(v) for k, v in hf_state_dict.items()})
     out = save_hf(config, hf_state_dict, out_dir)
     (out / "preprocessor_config.json").write_text(json.dumps(processor_config((512, 512)), indent=2) + "\n")
     return out

@@ -292,6 +292,8 @@ def export_onnx(
     twice the backbone's total stride; sides down to the stride itself run correctly too); `dynamic=False`
     fixes them to `static_size` (HxW; default 512x512), batch 1.
     `dtype`: export in this float dtype (default: the model's). `opset`: ONNX opset (default 18)."""
+    if opset is not None and opset < DEFAULT_OPSET:
+        raise ValueError(f"opset {opset} is below {DEFAULT_OPSET}, the lowest the dynamo exporter writes")
     require_onnx("onnx", "onnxscript")
     model = _as_fast_model(model_or_source)
     if dtype is not None or model.device.type != "cpu":  # traced on CPU; the caller's model is left alone
@@ -306,6 +308,10 @@ def export_onnx(
         h, w, batch = 3 * reduction + 7, 4 * reduction + 11, 2
     else:
         (h, w), batch = static or (512, 512), 1
+        if min(h, w) < reduction:
+            raise ValueError(
+                f"static size {h}x{w}: each side must be at least {reduction}, the backbone's stride"
+            )
     example = torch.randn(batch, model.backbone.num_channels, h, w, dtype=model.dtype)
     dynamic_shapes = None
     if dynamic:

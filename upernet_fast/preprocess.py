@@ -67,7 +67,9 @@ def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Float pixels in [0, 1] -> uint8, rounded to the nearest level (the reverse of x / 255)."""
     if arr.size:
         if np.isnan(arr).any():
-            raise ValueError(f"float images must not hold NaN, got {int(np.isnan(arr).sum())} NaN pixel value(s)")
+            raise ValueError(
+                f"float images must not hold NaN, got {int(np.isnan(arr).sum())} NaN pixel value(s)"
+            )
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
