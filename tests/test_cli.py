@@ -596,3 +596,12 @@ def test_command_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message", [(["--scales", "inf"], "positive and finite"), (["--device", "meta"], "holds no data")]
+)
+def test_segment_usage_errors_before_any_work(tmp_path, capsys, extra, message):
+    _save(tmp_path / "a.png", 40, 40)
+    assert cli.main(["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -228,3 +228,56 @@ def test_wrong_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer"}))
     with pytest.raises(ValueError, match="model_type is 'segformer'; expected 'upernet'"):
         upernet_fast.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("nonsense", "not a device name"),
+        ("meta", "holds no data"),
+        pytest.param(
+            "cuda",
+            "not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+    ],
+)
+def test_unusable_device(ckpt, device, message):
+    """torch says AssertionError for a CPU-only build's 'cuda' and lists every device type for a typo."""
+    with pytest.raises(ValueError, match=f"device '{device}' .*{message}"):
+        upernet_fast.load(ckpt, device=device)
+
+
+@pytest.mark.parametrize(
+    "edit,error,message",
+    [
+        (lambda c: [1, 2], TypeError, "must be a JSON object"),
+        (lambda c: {**c, "hidden_size": -1}, ValueError, "hidden_size must be a positive integer, got -1"),
+        (lambda c: {**c, "pool_scales": []}, ValueError, "pool_scales must be positive"),
+        (
+            lambda c: {
+                **c,
+                "backbone_config": {**c["backbone_config"], "out_features": ["stage1", "stage2"]},
+            },
+            ValueError,
+            "auxiliary head reads backbone level 2, but out_features gives 2 level",
+        ),
+    ],
+)
+def test_bad_config_values(ckpt, edit, error, message):
+    """Config values that used to fail deep inside torch (a negative dimension) or as an IndexError."""
+    path = ckpt / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(error, match=message):
+        upernet_fast.load(ckpt)
+
+
+def test_two_levels_with_explicit_auxiliary_channels_runs_but_its_loss_explains():
+    """With auxiliary_in_channels set, transformers builds a 2-level model and runs it (its loss then fails
+    with an IndexError); so do we, and our loss says why."""
+    ref = make_reference("convnext", out_features=["stage2", "stage4"], auxiliary_in_channels=16)
+    fast = upernet_fast.load(ref)
+    x = torch.randn(1, 3, 64, 64)
+    assert fast(x).logits.shape == (1, 5, 64, 64)
+    with pytest.raises(ValueError, match="reads backbone level 2, but the backbone gives 2 level"):
+        fast(x, labels=torch.zeros(1, 64, 64, dtype=torch.long))

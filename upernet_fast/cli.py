@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import tempfile
@@ -111,8 +112,10 @@ def validate_segment_args(args: argparse.Namespace) -> list[str]:
     """Every usage error, one message each, found before anything is loaded or written."""
     errors = []
     smallest = 1.0
-    if args.scales is not None and any(not s > 0 for s in args.scales):  # `not >` also catches nan
-        errors.append(f"--scales must all be positive, got {' '.join(f'{s:g}' for s in args.scales)}")
+    if args.scales is not None and any(not 0 < s < math.inf for s in args.scales):  # `not` catches nan
+        errors.append(
+            f"--scales must all be positive and finite, got {' '.join(f'{s:g}' for s in args.scales)}"
+        )
     elif args.scales:
         smallest = min(args.scales)
     if args.short_side is not None and not args.short_side * smallest >= MIN_SIDE:
@@ -125,15 +128,12 @@ def validate_segment_args(args: argparse.Namespace) -> list[str]:
         errors.append(f"--batch-size must be at least 1, got {args.batch_size}")
     errors.extend(_engine_problems(args))
     if args.device is not None:
-        import torch
+        from .model import resolve_device
 
         try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError) as e:
-            errors.append(f"--device {args.device}: {e}")
-        else:
-            if device.type == "cuda" and not torch.cuda.is_available():
-                errors.append(f"--device {args.device}: CUDA is not available")
+            resolve_device(args.device)
+        except ValueError as e:
+            errors.append(f"--device: {e}")
     if (problem := _check_model_source(args.model)) is not None:
         errors.append(problem)
     if (problem := _check_out_dir(Path(args.out))) is not None:

@@ -27,6 +27,8 @@ HEAD_DEFAULTS: dict[str, Any] = {
     "return_dict": True,
 }
 
+AUXILIARY_LEVEL = 2  # transformers' UperNetFCNHead in_index: the backbone level the auxiliary head reads
+
 # transformers' UperNetConfig falls back to a ResNet backbone with all four stages.
 DEFAULT_BACKBONE_CONFIG: dict[str, Any] = {
     "model_type": "resnet",
@@ -40,6 +42,8 @@ class UperNetConfig:
     model_type = "upernet"
 
     def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"an UperNet config must be a JSON object (dict), got {type(config).__name__}")
         raw = copy.deepcopy(dict(config or {}))
         raw.update(overrides)
         if raw.get("model_type", "upernet") != "upernet":
@@ -54,6 +58,22 @@ class UperNetConfig:
         self.pool_scales = [int(s) for s in self.pool_scales]
         self.backbone_config = self._backbone_config(raw)
         self.id2label, self.label2id = self._labels(raw)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Sizes that would otherwise fail deep inside torch (a negative dimension) or index past a list."""
+        sizes = {"hidden_size": self.hidden_size, "auxiliary_channels": self.auxiliary_channels}
+        for name, value in sizes.items():
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        if not self.pool_scales or min(self.pool_scales) < 1:
+            raise ValueError(f"config pool_scales must be positive integers, got {self.pool_scales}")
+        levels = len(self.backbone_config.get("out_features") or DEFAULT_BACKBONE_CONFIG["out_features"])
+        if self.use_auxiliary_head and self.auxiliary_in_channels is None and levels <= AUXILIARY_LEVEL:
+            raise ValueError(  # transformers fails here too (an IndexError building its auxiliary head)
+                f"the auxiliary head reads backbone level {AUXILIARY_LEVEL}, but out_features gives {levels} "
+                "level(s); set use_auxiliary_head false (or auxiliary_in_channels), or add stages"
+            )
 
     @staticmethod
     def _backbone_config(raw: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
-from .config import UperNetConfig
+from .config import AUXILIARY_LEVEL, UperNetConfig
 from .folding import cached, fold_batchnorm
 from .kernels.conv_bn_relu import conv1x1_nchw_possible, conv1x1_to_nchw
 
@@ -222,7 +222,9 @@ class UperNetHead(nn.Module):
 class UperNetFCNHead(nn.Module):
     """Auxiliary FCN head; only run when labels are given (its output only feeds the loss)."""
 
-    def __init__(self, config: UperNetConfig, in_channels: list[int], in_index: int = 2) -> None:
+    def __init__(
+        self, config: UperNetConfig, in_channels: list[int], in_index: int = AUXILIARY_LEVEL
+    ) -> None:
         super().__init__()
         self.in_index = in_index
         self.in_channels = (
@@ -243,6 +245,11 @@ class UperNetFCNHead(nn.Module):
     def forward(
         self, encoder_hidden_states: tuple[torch.Tensor, ...], ops: dispatch.Ops | None = None
     ) -> torch.Tensor:
+        if len(encoder_hidden_states) <= self.in_index:
+            raise ValueError(
+                f"the auxiliary head (for the loss) reads backbone level {self.in_index}, but the backbone "
+                f"gives {len(encoder_hidden_states)} level(s); transformers fails here too"
+            )
         x = encoder_hidden_states[self.in_index]
         ops = _default_ops(x, ops)
         out = x

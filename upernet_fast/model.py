@@ -333,6 +333,27 @@ class FastUperNet(nn.Module):
         return loss
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a torch.device this process can put tensors on; a ValueError saying why not otherwise
+    (torch's own errors for these are an AssertionError or a list of every device type it knows)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if parsed.type == "meta":
+        raise ValueError("device 'meta' holds no data: load on 'cpu' (or a GPU) to run the model")
+    try:
+        torch.empty(0, device=parsed)
+    except (AssertionError, RuntimeError) as exc:  # torch's first line says why (its dispatcher dump follows)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise ValueError(
+            f"device {device!r} is not available in this torch build/machine: {reason}"
+        ) from None
+    return parsed
+
+
 def load(
     source: Any,
     *,
@@ -358,6 +379,7 @@ def load(
     `upernet_fast.dispatch`.
     `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
     dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
+    device = resolve_device(device)
     config, entries, stored = checkpoint.open_source(source)
     model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune, bf16x3=bf16x3)
     checkpoint.copy_state_dict(model, entries, strict=strict)
