@@ -605,3 +605,16 @@ def test_segment_usage_errors_before_any_work(tmp_path, capsys, extra, message):
     _save(tmp_path / "a.png", 40, 40)
     assert cli.main(["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_segment_dataset_usage_errors_are_status_2(tmp_path, capsys):
+    """segment_dataset reports a usage error as status 2 (argparse's SystemExit would end the caller), and
+    takes the command line's types (a scalar scale, a numeric string)."""
+    from upernet_fast.distributed import segment_dataset
+
+    assert segment_dataset([], tmp_path / "o").status == 2
+    assert "non-empty list" in capsys.readouterr().err
+    _save(tmp_path / "a.png", 40, 40)
+    report = segment_dataset([tmp_path / "a.png"], tmp_path / "o", scales="x")
+    assert report.status == 2 and "scales='x'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -281,3 +281,16 @@ def test_two_levels_with_explicit_auxiliary_channels_runs_but_its_loss_explains(
     assert fast(x).logits.shape == (1, 5, 64, 64)
     with pytest.raises(ValueError, match="reads backbone level 2, but the backbone gives 2 level"):
         fast(x, labels=torch.zeros(1, 64, 64, dtype=torch.long))
+
+
+def test_switches_must_be_booleans(ckpt):
+    with pytest.raises(TypeError, match="winograd must be True, False or None, got 'no'"):
+        upernet_fast.load(ckpt, winograd="no")
+
+
+def test_labels_out_of_range(model):
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[0, 3, 4] = 5  # 5 classes: 0..4 (255 is the ignore index and is fine)
+    labels[0, 5, 6] = 255
+    with pytest.raises(ValueError, match=r"class index 5 \(1 pixel\(s\) out of range\); expected 0..4"):
+        model(torch.randn(1, 3, 64, 64), labels=labels)

@@ -485,3 +485,22 @@ def test_probs_at_size_blocks_and_memory(monkeypatch):
     for out_size in ((32, 43), (7, 90), (64, 10)):  # same size, shrink one side, grow the other
         _, probs = inference.probs_at_size(scores[:4], out_size, block_elements=64)
         torch.testing.assert_close(probs, _reference_probs(scores[:4], out_size), atol=2e-6, rtol=0)
+
+
+def test_degenerate_sizes_are_refused():
+    from upernet_fast.postprocess import post_process_semantic_segmentation
+
+    with pytest.raises(ValueError, match="image of 0x5 pixels"):
+        preprocess.load_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="target sizes must be"):
+        post_process_semantic_segmentation(torch.zeros(1, 3, 8, 8), [(0, 20)])
+    with pytest.raises(ValueError, match="crop_size and stride must be positive"):
+        slide_inference(FakeSegModel(), torch.zeros(1, 3, 64, 64), (32, 32), (0, 0))
+    with pytest.raises(ValueError, match="batch of 0"):
+        slide_inference(FakeSegModel(), torch.zeros(0, 3, 64, 64), (32, 32), (16, 16))
+
+
+def test_segmenter_from_a_module():
+    """A model object (transformers' or ours) is used as it is: its repr was taken for a folder path."""
+    model = FakeSegModel()
+    assert Segmenter.from_pretrained(model).model is model

@@ -293,7 +293,16 @@ def segment_dataset(
     failed, 2 usage error, 130 interrupted)."""
     from . import cli
 
-    args = cli.build_parser().parse_args(["segment", *map(str, inputs), "--out", str(out), "--engine", "ray"])
+    def usage_error(message: str) -> SegmentReport:  # as the command reports it: status 2, nothing run
+        cli._err(f"error: {message}")
+        return SegmentReport(
+            status=2, written=0, complete=0, failed=[], left=0, manifest=Path(out) / MANIFEST
+        )
+
+    if isinstance(inputs, (str, os.PathLike)) or not inputs:
+        return usage_error(f"inputs must be a non-empty list of image files or folders, got {inputs!r}")
+    parser = cli.build_parser()
+    args = parser.parse_args(["segment", *map(str, inputs), "--out", str(out), "--engine", "ray"])
     settings = dict(
         model=None if model is None else str(model),
         workers=workers,
@@ -304,9 +313,20 @@ def segment_dataset(
         resume=resume,
         **options,
     )
+    # argparse keeps sub-parsers only in its private subparsers action: the segment options and their types
+    actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["segment"]._actions}
     for key, value in settings.items():
         if not hasattr(args, key):
             raise TypeError(f"segment_dataset() got an unexpected option {key!r}")
+        action = actions.get(key)
+        if value is not None and action is not None and action.type is not None:  # the command line's types
+            many = action.nargs in ("+", "*")
+            values = value if many and isinstance(value, (list, tuple)) else [value]
+            try:
+                converted = [action.type(v) for v in values]
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                return usage_error(f"{key}={value!r}: {exc}")
+            value = converted if many else converted[0]
         setattr(args, key, value)
     tally = cli._Tally()
     status = cli.segment_files(args, tally)

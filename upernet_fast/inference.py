@@ -77,6 +77,10 @@ def slide_windows(
     """mmseg's windows (y1, y2, x1, x2): `max(H - crop + stride - 1, 0) // stride + 1` per axis, the last one
     shifted back inside the image. Every window is min(crop, H) x min(crop, W)."""
     (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
+    if min(h_crop, w_crop, h_stride, w_stride) < 1:
+        raise ValueError(
+            f"crop_size and stride must be positive (height, width), got {crop_size} and {stride}"
+        )
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []
@@ -102,6 +106,8 @@ def slide_inference(
     Windows all have the same size, so up to `batch_size` crops (windows x images) go through one forward.
     The accumulator lives at the input resolution (the processed image), in float32."""
     batch, _, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError("slide_inference got a batch of 0 images")
     windows = slide_windows(height, width, tuple(crop_size), tuple(stride))
     per_call = max(1, batch_size // batch)
     preds: torch.Tensor | None = None
@@ -224,7 +230,7 @@ class Segmenter:
     @classmethod
     def from_pretrained(
         cls,
-        source: str | os.PathLike | None = None,
+        source: str | os.PathLike | nn.Module | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
@@ -238,8 +244,12 @@ class Segmenter:
         when the directory has one (input size; in slide mode the crop is that size, stride 2/3 of it)."""
         switches = {"backend": backend, "winograd": winograd, "tune": tune, "bf16x3": bf16x3}
         model = load_model(source, device=device, dtype=dtype, **switches)
-        local = Path(str(default_model_path() if source is None else source))
-        config = preprocess.read_processor_config(local) if local.is_dir() else None
+        local = (
+            None
+            if isinstance(source, nn.Module)
+            else Path(str(default_model_path() if source is None else source))
+        )
+        config = preprocess.read_processor_config(local) if local is not None and local.is_dir() else None
         if config:
             for key in ("size", "mean", "std"):
                 if key in config:

@@ -324,6 +324,12 @@ class FastUperNet(nn.Module):
         if labels.is_floating_point():
             raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
         ignore = self.config.loss_ignore_index
+        bad = labels[(labels != ignore) & ((labels < 0) | (labels >= logits.shape[1]))]
+        if bad.numel():
+            raise ValueError(
+                f"labels hold class index {int(bad[0])} ({bad.numel()} pixel(s) out of range); expected "
+                f"0..{logits.shape[1] - 1} or the ignore index {ignore}"
+            )
         loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
         if self.auxiliary_head is not None:
             aux = ops.resize_bilinear(self.auxiliary_head(features, ops), size)
@@ -378,6 +384,10 @@ def load(
     paths; see
     `upernet_fast.dispatch`.
     `strict=False` loads a checkpoint with missing/unexpected keys and warns naming them."""
+    switches = {"winograd": winograd, "tune": tune, "bf16x3": bf16x3, "strict": strict}
+    for name, value in switches.items():  # "no" is truthy: a string would silently mean True
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None, got {value!r}")
     dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
     device = resolve_device(device)
     config, entries, stored = checkpoint.open_source(source)

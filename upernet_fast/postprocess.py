@@ -45,6 +45,8 @@ def post_process_semantic_segmentation(
         )
     maps = []
     for item, size in zip(logits, target_sizes, strict=True):
+        if len(size) != 2 or min(int(size[0]), int(size[1])) < 1:
+            raise ValueError(f"target sizes must be (height, width) of at least 1 each, got {list(size)}")
         resized = F.interpolate(
             item[None], size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False
         )

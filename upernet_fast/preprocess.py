@@ -101,6 +101,13 @@ def load_image(source: ImageInput) -> Image.Image:
     channels; uint8, or float in [0, 1]). Floats are rounded to 8 bits, which is what the resize sees.
 
     Raises `OSError`/`ValueError` for unreadable files, `TypeError`/`ValueError` for unsupported arrays."""
+    image = _load_any(source)
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image of {image.height}x{image.width} pixels has nothing to segment")
+    return image
+
+
+def _load_any(source: ImageInput) -> Image.Image:
     if isinstance(source, Image.Image):
         return to_rgb(upright(source))
     if isinstance(source, torch.Tensor):
