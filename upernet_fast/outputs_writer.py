@@ -182,12 +182,13 @@ def owned_by(path: Path, source: Path, owners: dict[str, str]) -> bool:
 
 
 def earlier_records(out_dir: str | os.PathLike, items: Iterable[OutputItem]) -> list[str]:
-    """The lines of an earlier run's manifest about outputs that `items` do not claim and whose files still
-    exist: kept in the new manifest, so a later run still knows whose outputs they are (`owned_by`)."""
+    """The lines of an earlier run's manifest about outputs in this folder that `items` do not claim and
+    whose files still exist: kept in the new manifest, so a later run still knows whose outputs they are (`owned_by`)."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         return []
     claimed = {str(p.resolve()) for item in items for p in item.paths(out_dir, overlay=True)}
+    here = Path(out_dir).resolve()
     kept = []
     for line in path.read_text(errors="replace").splitlines():
         try:
@@ -196,7 +197,8 @@ def earlier_records(out_dir: str | os.PathLike, items: Iterable[OutputItem]) -> 
         except (ValueError, TypeError, KeyError, AttributeError):
             continue  # a line cut short by a killed run
         if outputs and claimed.isdisjoint(outputs) and any(Path(o).is_file() for o in outputs):
-            kept.append(line)
+            if all(Path(o).is_relative_to(here) for o in outputs):  # not a copied folder's old paths
+                kept.append(line)
     return kept
 
 
