@@ -504,3 +504,12 @@ def test_segmenter_from_a_module():
     """A model object (transformers' or ours) is used as it is: its repr was taken for a folder path."""
     model = FakeSegModel()
     assert Segmenter.from_pretrained(model).model is model
+
+
+def test_too_small_after_preprocessing_names_the_users_image():
+    """A 40x4000 image in slide mode shrinks to 5x512: the error names both sizes, not only the resized one."""
+    seg = Segmenter.from_pretrained(None, mode="slide")
+    with pytest.raises(ValueError, match="image of 40x4000 becomes 5x512 after preprocessing"):
+        seg(np.zeros((40, 4000, 3), np.uint8))
+    with pytest.raises(ValueError, match="mean and std must be 3 values"):
+        Segmenter(seg.model, mean=(0.5, 0.5))

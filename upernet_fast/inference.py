@@ -225,7 +225,11 @@ class Segmenter:
         self.flip = flip
         self.scales = [float(s) for s in scales] if scales else [1.0]
         self.batch_size = max(1, int(batch_size))
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not min(self.std) > 0:
+            raise ValueError(
+                f"mean and std must be 3 values (R, G, B), std positive; got mean {mean!r}, std {std!r}"
+            )
 
     @classmethod
     def from_pretrained(
@@ -302,8 +306,16 @@ class Segmenter:
         """`finish(scores (C, h, w) at the processed size, original size)` per image; images of the same
         processed size share batches."""
         groups: dict[tuple[int, int], list[int]] = {}
+        stride = int(getattr(getattr(self.model, "backbone", None), "reduction", 0) or 0)  # ours: 32
         for i, image in enumerate(images):
-            groups.setdefault(self.processed_size(image.height, image.width), []).append(i)
+            proc = self.processed_size(image.height, image.width)
+            if min(proc) * min(self.scales) < stride:  # the model would name the resized size only
+                raise ValueError(
+                    f"image of {image.height}x{image.width} becomes {proc[0]}x{proc[1]} after preprocessing"
+                    + (f" (x{min(self.scales):g})" if min(self.scales) != 1.0 else "")
+                    + f"; each side must be at least {stride} pixels, the model's total stride"
+                )
+            groups.setdefault(proc, []).append(i)
         out: list[Any] = [None] * len(images)
         for proc, indices in groups.items():
             for s in range(0, len(indices), self.batch_size):
