@@ -372,10 +372,8 @@ def hf_to_mmseg(hf_state_dict: StateDict, config: dict[str, Any]) -> StateDict:
 # ----------------------------------------------------------------------------- files
 def load_mmseg_file(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
     """(state_dict, meta) of an mmseg `.pth` (a dict with "state_dict", or a bare state dict)."""
-    try:
-        checkpoint = torch.load(
-            path, map_location="cpu", weights_only=False
-        )  # mmseg meta holds plain objects
+    try:  # weights_only=False: mmseg's meta holds plain Python objects
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (EOFError, pickle.UnpicklingError, RuntimeError) as exc:  # empty, truncated, not a pickle/zip
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
@@ -419,7 +417,8 @@ def convert_file(
     existing = [n for n in ("config.json", "model.safetensors") if (Path(out_dir) / n).exists()]
     if existing and not overwrite:
         raise ValueError(
-            f"{out_dir} already holds a checkpoint ({', '.join(existing)}); overwrite=True (CLI: --overwrite) replaces it"
+            f"{out_dir} already holds a checkpoint ({', '.join(existing)}); "
+            "overwrite=True (CLI: --overwrite) replaces it"
         )
     state_dict, meta = load_mmseg_file(checkpoint)
     try:
