@@ -153,6 +153,52 @@ def test_compile_fullgraph_matches_eager_and_reference():
         compare_logits(ref(x).logits, out, REL_TOL)
 
 
+@pytest.mark.slow
+def test_compiled_model_follows_load_state_dict():
+    """A compiled model takes the folded weights as constants: load_state_dict must drop them, or it keeps
+    computing with the old weights (seen: argmax agreement 3.5%)."""
+    ref, other = make_reference("convnext", seed=1), make_reference("convnext", seed=2)
+    fast = upernet_fast.load(ref)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))
+    torch._dynamo.reset()
+    compiled = torch.compile(fast)
+    with torch.no_grad():
+        compare_logits(ref(x).logits, compiled(x).logits, REL_TOL)
+        fast.load_state_dict(other.state_dict())
+        compare_logits(other(x).logits, compiled(x).logits, REL_TOL)
+        compare_logits(other(x).logits, fast(x).logits, REL_TOL)
+
+
+def test_edits_through_data_need_clear_cached_weights():
+    """`.data` edits bypass the version counters the derived-weight caches key on: clear_cached_weights()
+    is the documented way to make the model see them (in-place edits under no_grad are seen by themselves)."""
+    ref = make_reference("convnext", seed=3)
+    fast = upernet_fast.load(ref)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        fast(x)
+        for model in (ref, fast):
+            model.decode_head.fpn_bottleneck.batch_norm.weight.data.mul_(1.5)
+        fast.clear_cached_weights()
+        compare_logits(ref(x).logits, fast(x).logits, REL_TOL)
+        for model in (ref, fast):
+            model.decode_head.fpn_bottleneck.conv.weight.mul_(0.5)  # a versioned edit: seen without clearing
+        compare_logits(ref(x).logits, fast(x).logits, REL_TOL)
+
+
+def test_derived_weight_caches_stay_bounded_over_many_input_sizes():
+    """Size-dependent derived weights (oneDNN prepacks, the head's taps) used to pile up per input size."""
+    from upernet_fast.folding import MAX_ENTRIES
+
+    fast = upernet_fast.load(make_reference("convnext", seed=4), tune=False)
+    with torch.no_grad():
+        for i in range(3 * MAX_ENTRIES):
+            fast(torch.randn(1, 3, 64 + 8 * (i % 12), 64 + 8 * (i // 12)))
+    for name, module in fast.named_modules():
+        entries = [k for k in module.__dict__ if k.startswith("_folded_")]
+        assert len(entries) <= MAX_ENTRIES, (name, len(entries))
+
+
 def test_no_top_level_kernels_module_from_a_checkout(monkeypatch):
     """transformers probes the top-level name `kernels` (Hugging Face's package): the kernel layer lives
     inside the package (`upernet_fast/kernels`), so a checkout on sys.path never offers that name."""

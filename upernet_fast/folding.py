@@ -8,6 +8,7 @@ counter, so `load_state_dict`, `.to()`, `.half()` and in-place edits all invalid
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -29,20 +30,48 @@ def _key(sources: Sequence[torch.Tensor | None]) -> tuple:
     )
 
 
+# Entries kept per owner, least recently used dropped first. A module holds a few per input dtype, plus
+# a few per input size for the size-dependent ones (oneDNN weights prepacked for an input shape, the head's
+# low-resolution taps): without a bound, inputs of ever new sizes (keep-ratio resizing of a photo folder)
+# grew memory by ~32 MB per size with a 512-channel head.
+MAX_ENTRIES = 24
+_ORDER = "_cached_order"  # slot -> None, least recently used first
+
+
 def cached(owner: object, name: str, sources: Sequence[torch.Tensor | None], build: Callable[[], T]) -> T:
-    """Return `build()`, memoised on `owner` under `name` until any of `sources` changes."""
+    """Return `build()`, memoised on `owner` under `name` until any of `sources` changes (at most
+    `MAX_ENTRIES` per owner, least recently used dropped)."""
     slot = f"_folded_{name}"
     entry = owner.__dict__.get(slot)
     if torch.compiler.is_compiling():
         # Inside a compiled graph the eager cache is a constant; building here would trace the fold.
         return entry[1] if entry is not None else build()
+    order = owner.__dict__.setdefault(_ORDER, OrderedDict())
     key = _key(sources)
     if entry is None or entry[0] != key:
         with torch.no_grad():
             value = build()
         owner.__dict__[slot] = (key, value)
+        order[slot] = None
+        order.move_to_end(slot)
+        while len(order) > MAX_ENTRIES:
+            owner.__dict__.pop(order.popitem(last=False)[0], None)
         return value
+    if slot in order:
+        order.move_to_end(slot)
     return entry[1]
+
+
+def clear_cached(module: torch.nn.Module) -> None:
+    """Drop every memoised derived weight of `module` and its submodules (rebuilt on next use): needed
+    after edits the version counters cannot see (through `.data`), and before a compiled model is used
+    with new weights (compiled graphs take these as constants)."""
+    for m in module.modules():
+        for slot in [k for k in m.__dict__ if k.startswith("_folded_") or k == _ORDER]:
+            del m.__dict__[slot]
+        cache = m.__dict__.get("_cache")
+        if isinstance(cache, dict):
+            m._cache = {}
 
 
 def fold_batchnorm_tensors(

@@ -14,6 +14,7 @@ from torch import nn
 from . import checkpoint, dispatch
 from .backbones import BackboneOutput, build_backbone
 from .config import UperNetConfig
+from .folding import clear_cached
 from .head import UperNetFCNHead, UperNetHead
 from .kernels import _memory
 from .outputs import SemanticSegmenterOutput
@@ -83,9 +84,18 @@ class FastUperNet(nn.Module):
         checkpoint.save(self.state_dict(), self.config, save_directory)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Also accepts alternative key layouts the backbone knows (e.g. transformers 5 in-memory Swin)."""
+        """Also accepts alternative key layouts the backbone knows (e.g. transformers 5 in-memory Swin).
+        Drops the derived weights (`clear_cached_weights`): a compiled model took them as constants."""
         state_dict = self.backbone.remap_state_dict(dict(state_dict), "backbone.")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.clear_cached_weights()
+        return result
+
+    def clear_cached_weights(self) -> None:
+        """Forget the weights derived from the parameters (BatchNorm folds, Winograd and packed forms; rebuilt
+        on next use). In-place edits are seen without it (version counters), except edits through `.data`,
+        which bypass them: call this after those, and after new weights reach a `torch.compile`d model."""
+        clear_cached(self)
 
     @property
     def dtype(self) -> torch.dtype:
