@@ -225,6 +225,9 @@ def ort_runner(ref: torch.nn.Module, x: torch.Tensor) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # no spinning after a run: spinning threads kept both cores busy into the next (PyTorch) measurement
+    # of an interleaved benchmark (seen: 10 ms forwards timed 5-90x slower after an ORT run)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: torch.from_numpy(session.run(None, feed)[0])

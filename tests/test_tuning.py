@@ -174,3 +174,26 @@ def test_both_tuned_choices_keep_the_default_within_the_margin(tuning_cache, mon
     assert tuning.gemm_1x1(256, 512, 32, 32, torch.float32, default=False)[0] is True
     monkeypatch.setattr(tuning, "measure_conv3x3", lambda *a: {6: 9.9, 4: 10.0, 0: 30.0})
     assert tuning.winograd_tile(256, 256, 64, 64, default=4)[0] == 4
+
+
+def test_malformed_entries_are_dropped_and_measured_again(tuning_cache, capsys):
+    """A hand-edited or damaged cache file: each malformed entry is ignored (with one warning naming the
+    file) and measured again; the valid ones are kept. They used to crash every forward (KeyError etc.)."""
+    path = tuning.cache_path()
+    good = {"choice": 6, "ms": {"0": 3.0, "4": 2.0, "6": 1.5}}
+    entries = {
+        "conv3x3:64->64@32x32": good,
+        "conv3x3:64->64@16x16": {**good, "choice": 5},  # not a candidate
+        "conv3x3:64->64@8x8": {**good, "choice": "banana"},
+        "conv1x1:64->64@8x8:float32": "GEMM",
+        "conv3x3:64->64@4x4": {"choice": 4},  # no times
+        "unknown-kind:1": good,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": tuning.machine_key(), "entries": entries}))
+    assert tuning._read_table(path) == {"conv3x3:64->64@32x32": good}
+    assert "ignoring malformed tuning entries" in capsys.readouterr().err
+    path.write_text(json.dumps({"machine": tuning.machine_key(), "entries": [1, 2]}))
+    assert tuning._read_table(path) == {}
+    path.write_text("[1, 2, 3]")
+    assert tuning._read_table(path) == {}

@@ -363,4 +363,7 @@ def ort_session(path: str | os.PathLike, threads: int = 1) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
+    # no spinning after a run: spinning threads kept both cores busy into the next (PyTorch) measurement
+    # of an interleaved benchmark (seen: 10 ms forwards timed 5-90x slower after an ORT run)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])

@@ -57,13 +57,42 @@ def cache_path() -> Path:
     return native.cache_dir() / f"tuning-{key['isa']}-{key['threads']}t-{digest}.json"
 
 
+def _valid(name: str, entry: object) -> bool:
+    """Whether a cached entry has the shape `_measured` writes: a known kind, a choice among its candidates,
+    a time per candidate."""
+    names = NAMES.get(name.split(":", 1)[0])
+    if names is None or not isinstance(entry, dict):
+        return False
+    choice, ms = entry.get("choice"), entry.get("ms")
+    if type(choice) is not int or choice not in names or not isinstance(ms, dict) or not ms:
+        return False
+    return all(
+        isinstance(k, str) and k.lstrip("-").isdigit() and int(k) in names and isinstance(v, (int, float))
+        for k, v in ms.items()
+    )
+
+
 @functools.cache
 def _table(path: Path) -> dict[str, dict]:
+    """This process's table for `path` (read once, then added to by `_measured`)."""
+    return _read_table(path)
+
+
+def _read_table(path: Path) -> dict[str, dict]:
+    """The valid entries of the cache file for this machine; a malformed one is dropped with a warning (it is
+    measured again), the rest kept."""
     try:
         data = json.loads(path.read_text())
-        return data["entries"] if data.get("machine") == machine_key() else {}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return {}  # no file yet, or unreadable: measure again
+    if not isinstance(data, dict) or data.get("machine") != machine_key():
+        return {}
+    entries = data.get("entries")
+    entries = entries if isinstance(entries, dict) else {}
+    table = {name: entry for name, entry in entries.items() if _valid(name, entry)}
+    if len(table) != len(data.get("entries") or {}) or not isinstance(data.get("entries"), dict):
+        print(f"upernet_fast: ignoring malformed tuning entries in {path} (measured again)", file=sys.stderr)
+    return table
 
 
 def _save(path: Path, table: dict[str, dict]) -> None:
@@ -275,8 +304,8 @@ def _measured(name: str, measure, default: int) -> dict:
             "choice": _pick(times, default),
             "ms": {str(k): round(v, 3) for k, v in times.items()},
         }
-        try:
-            _save(path, table)
+        try:  # onto the file as it is now: another process may have added entries meanwhile
+            _save(path, {**_read_table(path), **table})
         except OSError as e:  # a read-only cache only costs a re-measurement next time
             print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
         names = NAMES[name.split(":", 1)[0]]
