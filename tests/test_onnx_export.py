@@ -91,3 +91,39 @@ def test_cli_export_reports_missing_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", "whatever", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "upernet_fast[onnx]" in capsys.readouterr().err
+
+
+def test_one_level_model_exports_and_matches(tmp_path):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(
+            name, reason=f"{name} is not installed (the optional extra: pip install -e .[onnx])"
+        )
+    ref = make_reference("convnext", out_features=["stage4"], use_auxiliary_head=False)
+    session = upernet_fast.ort_session(upernet_fast.export_onnx(ref, tmp_path / "one.onnx"), threads=1)
+    x = torch.randn(2, 3, 64, 97, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(x).logits
+    got = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+    compare_logits(expected, got, REL_TOL, MIN_AGREE)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"opset": 3}, "opset 3 is outside 18.."),
+        ({"opset": 999}, "opset 999 is outside 18.."),
+        ({"dtype": "bfloat16", "dynamic": False}, "no torch.bfloat16 kernel"),
+        ({"dtype": torch.float16}, "float16 exports need a static size"),
+        ({"dynamic": False, "static_size": "16x64"}, "each side must be at least 32"),
+    ],
+)
+def test_export_refuses_what_it_cannot_write(tmp_path, kwargs, message):
+    """Each of these used to write a file ONNX Runtime cannot load (or that declares another opset), or to
+    fail with a raw torch.export error."""
+    for name in ("onnx", "onnxscript"):
+        pytest.importorskip(
+            name, reason=f"{name} is not installed (the optional extra: pip install -e .[onnx])"
+        )
+    with pytest.raises(ValueError, match=message):
+        upernet_fast.export_onnx(make_reference("convnext"), tmp_path / "m.onnx", **kwargs)
+    assert not (tmp_path / "m.onnx").exists()

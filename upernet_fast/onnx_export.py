@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones.swin import SwinBackbone
+from .checkpoint import parse_dtype
 from .folding import fold_batchnorm
 from .model import FastUperNet
 from .onnx_swin import swin_feature_maps
@@ -240,7 +241,8 @@ class ExportGraph(nn.Module):
             hi = laterals[i - 1]
             laterals[i - 1] = hi + resize_bilinear(laterals[i], (hi.shape[2], hi.shape[3]))
         fpn_outs = [self._conv(f"fpn{i}", laterals[i], padding=1) for i in range(self.num_levels - 1)]
-        fused = self._fused_bottleneck("fpn_bottleneck", fpn_outs[0], [*fpn_outs[1:], laterals[-1]])
+        fpn_outs.append(laterals[-1])  # one level: the PPM output alone, as in transformers
+        fused = self._fused_bottleneck("fpn_bottleneck", fpn_outs[0], fpn_outs[1:])
         logits = self._conv("classifier", fused, relu=False)
         return resize_bilinear(logits, (pixel_values.shape[2], pixel_values.shape[3]))
 
@@ -291,10 +293,31 @@ def export_onnx(
     transformers model). `dynamic=True`: batch, height and width are free (traced for sides of at least
     twice the backbone's total stride; sides down to the stride itself run correctly too); `dynamic=False`
     fixes them to `static_size` (HxW; default 512x512), batch 1.
-    `dtype`: export in this float dtype (default: the model's). `opset`: ONNX opset (default 18)."""
-    if opset is not None and opset < DEFAULT_OPSET:
-        raise ValueError(f"opset {opset} is below {DEFAULT_OPSET}, the lowest the dynamo exporter writes")
+    `dtype`: export in this float dtype or its name (default: the model's): float32, or float16 with a static
+    size (ONNX Runtime's CPU Conv has no bfloat16 or float64 kernel). `opset`: ONNX opset, 18 (default) up to
+    the newest the installed onnx knows."""
     require_onnx("onnx", "onnxscript")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not DEFAULT_OPSET <= opset <= newest:
+        raise ValueError(
+            f"opset {opset} is outside {DEFAULT_OPSET}..{newest}: the dynamo exporter writes {DEFAULT_OPSET} and "
+            f"up, and the installed onnx knows opsets up to {newest}"
+        )
+    dtype = None if dtype is None else parse_dtype(dtype)
+    dtype = None if dtype == "auto" else dtype
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(
+                f"dtype {dtype} cannot be exported: ONNX Runtime's CPU Conv has no {dtype} kernel (use float32, "
+                "or float16 with a static size)"
+            )
+        if dtype == torch.float16 and dynamic:
+            raise ValueError(
+                "float16 exports need a static size (dynamic=False, static_size=HxW): torch.export "
+                "cannot trace the dynamic float16 graph"
+            )
     model = _as_fast_model(model_or_source)
     if dtype is not None or model.device.type != "cpu":  # traced on CPU; the caller's model is left alone
         model = copy.deepcopy(model).to(device="cpu", dtype=dtype)
