@@ -588,7 +588,7 @@ def test_command_errors_are_one_line(tmp_path, capsys):
         (
             ["export", str(tmp_path / "empty"), "--out", str(tmp_path / "m.onnx"), "--opset", "3"],
             1,
-            "below 18",
+            "outside 18..",
         ),
     ]
     for argv, code, message in cases:
