@@ -220,3 +220,23 @@ def test_logits_layout_like_transformers(kind):
     with torch.no_grad():
         want, got = ref(x).logits, upernet_fast.load(ref)(x).logits
     assert got.is_contiguous() and got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin", "resnet"])
+def test_deepcopy_and_pickle_after_a_call(kind):
+    """oneDNN's prepacked weights (in the derived-weight caches after a call) cannot be copied or pickled,
+    and ConvNeXt's activations were lambdas: both used to fail."""
+    import copy
+    import io
+
+    ref = make_reference(kind, seed=5)
+    fast = upernet_fast.load(ref)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = ref(x).logits
+        fast(x)
+        buffer = io.BytesIO()
+        torch.save(fast, buffer)
+        buffer.seek(0)
+        for model in (copy.deepcopy(fast), torch.load(buffer, weights_only=False), fast):
+            compare_logits(expected, model(x).logits, REL_TOL)

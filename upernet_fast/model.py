@@ -91,6 +91,13 @@ class FastUperNet(nn.Module):
         self.clear_cached_weights()
         return result
 
+    def __getstate__(self) -> dict:
+        """For `copy.deepcopy` and pickling (`torch.save(model)`): the derived weights are dropped first (oneDNN's
+        prepacked ones cannot be copied or pickled; all are rebuilt on next use), and the plans with them."""
+        self.clear_cached_weights()
+        self._plans.clear()
+        return super().__getstate__()
+
     def clear_cached_weights(self) -> None:
         """Forget the weights derived from the parameters (BatchNorm folds, Winograd and packed forms; rebuilt
         on next use). In-place edits are seen without it (version counters), except edits through `.data`,

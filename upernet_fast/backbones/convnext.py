@@ -45,10 +45,15 @@ CONVNEXT_DEFAULTS: dict[str, Any] = {
 }
 LN_EPS = 1e-6  # hard-coded in transformers' ConvNeXt (stem, downsampling, blocks, stage-output norms)
 
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {  # module-level functions, not lambdas: a model holding one still pickles
+    "gelu": F.gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
