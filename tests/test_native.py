@@ -120,3 +120,20 @@ def test_isa_cap_refuses_an_unknown_level(monkeypatch):
         _common.isa_cap()
     monkeypatch.setenv(_common.ISA_ENV_VAR, "AVX512")  # the top level, any case: no cap
     assert _common.isa_cap() is None
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(monkeypatch, tmp_path):
+    """Loading a truncated .so (a partial copy of the cache) kills the process with SIGBUS: each build
+    records its SHA-256 beside it, and a file that does not match is rebuilt."""
+    import shutil
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+    flags = native._flag_sets()[0]
+    target = native._build(cc, flags)
+    good = target.read_bytes()
+    target.write_bytes(good[: len(good) // 3])
+    assert native._build(cc, flags) == target and len(target.read_bytes()) > len(good) // 3
+    assert (tmp_path / (target.name + ".sha256")).read_text() == native._sha256(target)

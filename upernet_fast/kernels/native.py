@@ -171,8 +171,9 @@ def _build(cc: str, flags: list[str]) -> Path:
     machine = f"{cpu_model()}|{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}"
     key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + machine.encode()).hexdigest()[:16]
     target = cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"
-    if target.exists():
-        return target
+    digest = target.with_name(target.name + ".sha256")
+    if target.exists() and digest.exists() and digest.read_text().strip() == _sha256(target):
+        return target  # checked: a truncated copy of the cache would kill the process (SIGBUS) on load
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent first uses never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -188,10 +189,22 @@ def _build(cc: str, flags: list[str]) -> Path:
         if run.returncode != 0:
             raise RuntimeError(f"`{cc}` failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
+        _write_atomically(digest, _sha256(target))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 @functools.cache
@@ -217,7 +230,12 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (
+        OSError,
+        RuntimeError,
+        AttributeError,
+        subprocess.SubprocessError,
+    ) as e:  # AttributeError: a symbol
         warnings.warn(
             f"upernet_fast: native CPU helpers unavailable ({e}); using the PyTorch paths instead "
             f"(same results up to rounding, slower). Set {ENV_VAR}=0 to silence this.",
