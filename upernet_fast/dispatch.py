@@ -672,8 +672,14 @@ class Ops:
             return
         k = weight.shape[-1]
         shape = f"{weight.shape[1]}->{weight.shape[0]} {k}x{k} @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
-        if impl is None:
-            impl = "oneDNN/MKL" if self.backend_of("conv_bn_relu") == "torch" else "Triton"
+        if impl is None and self.backend_of("conv_bn_relu") != "torch":
+            impl = "Triton"
+        elif impl is None:  # as conv_bn_relu_torch will run it
+            impl = (
+                "oneDNN conv (prepacked weight)"
+                if onednn_weight_useful(x, weight, False)
+                else "F.conv2d (ATen's choice of kernel: its own GEMM conv for small NCHW maps)"
+            )
         self.plan.note(owner, f"{name}: {shape}", impl, why)
 
     def __getattr__(self, name: str) -> Callable:

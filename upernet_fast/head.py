@@ -183,7 +183,7 @@ class UperNetHead(nn.Module):
         branches = [block.conv_module(p, ops) for block, p in zip(self.psp_modules, pooled, strict=True)]
         return self._fused_bottleneck(self.bottleneck, xc, branches, ops).to(x.dtype)
 
-    def classify(self, fused: torch.Tensor) -> torch.Tensor:
+    def classify(self, fused: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
         """The 1x1 `classifier`; float32 logits for a bf16/fp16 model. There the fused
         features arrive in float32 (the bottleneck accumulates in float32) and the classifier runs in
         float32 on them (its weight widened once): a few percent of the bf16 forward for a higher argmax
@@ -196,7 +196,17 @@ class UperNetHead(nn.Module):
                 self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float())
             )
             x = fused.float()
-        if conv1x1_nchw_possible(x, w):  # the logits go on to the resize as NCHW: write them so directly
+        direct = conv1x1_nchw_possible(x, w)
+        if ops is not None:
+            part = f"classifier: {w.shape[1]}->{w.shape[0]} 1x1 @ {x.shape[2]}x{x.shape[3]}, {x.dtype}"
+            impl = "MKL GEMM W @ Xᵀ straight into NCHW logits" if direct else "F.conv2d"
+            why = (
+                "the logits' resize reads NCHW (decisions.md, Logits layout)"
+                if direct
+                else "not eager CPU float32"
+            )
+            ops.note(self, part, impl, why + ("; float32 in a bf16 model" if fused.dtype != x.dtype else ""))
+        if direct:  # the logits go on to the resize as NCHW: write them so directly
             return conv1x1_to_nchw(x, w, b)
         return F.conv2d(x, w, b)
 
@@ -210,13 +220,13 @@ class UperNetHead(nn.Module):
         for i in range(n - 1, 1, -1):
             laterals[i - 1] = ops.topdown_add(laterals[i - 1], laterals[i])
         if n == 1:  # a one-level backbone: the PPM output is fpn_bottleneck's whole input
-            return self.classify(self._fused_bottleneck(self.fpn_bottleneck, laterals[0], [], ops))
+            return self.classify(self._fused_bottleneck(self.fpn_bottleneck, laterals[0], [], ops), ops)
         # level 0's top-down sum is fpn_convs[0]'s input only: formed inside its conv (its Winograd
         # transform, where it runs as one: the largest map of the head is then never written)
         fpn_outs = [self.fpn_convs[0](laterals[0], ops, low=laterals[1])]
         fpn_outs += [self.fpn_convs[i](laterals[i], ops) for i in range(1, n - 1)]
         fused = self._fused_bottleneck(self.fpn_bottleneck, fpn_outs[0], [*fpn_outs[1:], laterals[-1]], ops)
-        return self.classify(fused)
+        return self.classify(fused, ops)
 
 
 class UperNetFCNHead(nn.Module):
