@@ -33,7 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from upernet_fast import dispatch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e import machine_info, positive_int  # noqa: E402
+
+from upernet_fast import dispatch  # noqa: E402
 from upernet_fast.folding import fold_batchnorm_tensors
 from upernet_fast.kernels import conv3x3_taps_weight
 from upernet_fast.kernels.winograd import winograd_weight
@@ -210,12 +213,10 @@ def environment(device: str) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {
+    return {  # e2e's machine record (CPU model, kind, ISA flags, thread count, versions) and the device
         "machine": {
+            **machine_info(),
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         },
         "versions": {
@@ -232,15 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small shapes (seconds)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 7, quick 3)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed runs per variant (default 7, quick 3)"
+    )
+    p.add_argument("--warmup", type=positive_int, default=1)
     p.add_argument(
         "--backend", default=None, choices=dispatch.BACKENDS, help="default: $UPERNET_FAST_BACKEND or auto"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     p.add_argument("--only", default=None, help="comma-separated op names to run")
     args = p.parse_args(argv)
+    from upernet_fast.model import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        p.error(f"--device: {e}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)

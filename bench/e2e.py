@@ -35,6 +35,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -205,8 +206,6 @@ def cpu_kind() -> str:
 def ort_runner(ref: torch.nn.Module, x: torch.Tensor) -> Any:
     """transformers' model exported with the dynamo exporter at x's shape, run by ONNX Runtime with
     ORT_ENABLE_ALL and torch's thread count; returns a function giving the logits as a tensor."""
-    import tempfile
-
     import onnxruntime as ort
 
     class Logits(torch.nn.Module):
@@ -281,8 +280,6 @@ def run_config(
             failed["ort"] = f"export of transformers' model failed: {type(e).__name__}: {reason}"
             print(f"ort: {failed['ort']}", file=sys.stderr)
     if "fast-ort" in variants:
-        import tempfile
-
         t = time.perf_counter()
         path = upernet_fast.export_onnx(
             fast, os.path.join(tempfile.mkdtemp(prefix="upernet_ort_"), "fast.onnx")
@@ -377,7 +374,6 @@ def run_config_isolated(
     """`run_config` in a fresh interpreter: the memory pass changes the allocator for good, and compile
     caches or heap growth from one config must not bleed into the next one's timings."""
     import subprocess
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
@@ -420,13 +416,50 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MIN_SIDE = 32  # the backbones' total stride: smaller inputs cannot be segmented
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is a usage error, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def size_list(text: str) -> list[tuple[int, int]]:
+    """argparse type: comma-separated HxW sizes, each side at least ``MIN_SIDE``."""
+    sizes = []
+    for item in (t for t in text.split(",") if t):
+        try:
+            h, w = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected sizes like 512x683, got {item!r}") from None
+        if min(h, w) < MIN_SIDE:
+            raise argparse.ArgumentTypeError(f"{item}: each side must be at least {MIN_SIDE} pixels")
+        sizes.append((h, w))
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one size")
+    return sizes
+
+
+def positive_int_list(text: str) -> list[int]:
+    values = [positive_int(t) for t in text.split(",") if t]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="convnext-tiny,swin-tiny")
-    p.add_argument("--sizes", default="512x512,512x683")
-    p.add_argument("--batches", default="1,4")
+    p.add_argument("--sizes", type=size_list, default="512x512,512x683")
+    p.add_argument("--batches", type=positive_int_list, default="1,4")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=positive_int, default=3)
     p.add_argument("--json", default=None, help="JSON results (default: bench/results/e2e-<cpu kind>.json)")
     p.add_argument(
         "--append",
@@ -455,10 +488,17 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f)
         return 0
     if args.quick:
+        given = sys.argv[1:] if argv is None else argv
+        keys = ("--models", "--sizes", "--batches", "--variants", "--runs")
+        chosen = [k for k in keys if any(a == k or a.startswith(k + "=") for a in given)]
+        if chosen:
+            p.error(
+                f"--quick sets the models, sizes, batches, variants and runs itself; drop {' '.join(chosen)}"
+            )
         args.models, args.sizes, args.batches, args.variants, args.runs = (
             "convnext-mini,swin-mini",
-            "96x128",
-            "1",
+            [(96, 128)],
+            [1],
             "hf,fast,fast-exact,hf-bf16,fast-bf16,ort,fast-ort",
             2,
         )
@@ -468,13 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant/model {unknown}; variants: {VARIANTS}, models: {sorted(MODELS)}")
     info = machine_info()
     print("machine:", json.dumps(info), flush=True)
-    if args.json is None:
-        args.json = f"bench/results/e2e-{info['cpu_kind']}.json"
+    if args.json is None:  # a smoke run never replaces the recorded results
+        folder = tempfile.gettempdir() if args.quick else "bench/results"
+        args.json = os.path.join(folder, f"e2e-{'quick-' if args.quick else ''}{info['cpu_kind']}.json")
     rows: list[dict] = []
     for model_name in args.models.split(","):
-        for size_s in args.sizes.split(","):
-            size = tuple(int(s) for s in size_s.split("x"))
-            for batch in (int(b) for b in args.batches.split(",")):
+        for size in args.sizes:
+            for batch in args.batches:
                 result = run_config_isolated(model_name, size, batch, variants, args.runs, args.keep_memory)
                 rows.extend(result["rows"])
                 print(format_table(result["rows"]), flush=True)

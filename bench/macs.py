@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import build_reference, machine_info  # noqa: E402
+from e2e import MODELS, build_reference, machine_info, positive_int, size_list  # noqa: E402
 
 import upernet_fast  # noqa: E402
 
@@ -144,21 +144,25 @@ def measure(name: str, size: tuple[int, int], runs: int, bf16: bool) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="convnext-tiny")
-    parser.add_argument("--sizes", default="512x512")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", type=size_list, default="512x512")
+    parser.add_argument("--runs", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also transformers-bf16 and upernet_fast bf16")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:  # before the peak measurement, not after it
+        parser.error(f"unknown model(s) {unknown}; models: {sorted(MODELS)}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its folder does not exist")
     torch.set_num_threads(args.threads)
     result = {"machine": machine_info(), "fp32_peak_gmac_per_s": fp32_peaks(5), "configs": []}
     print("fp32 peak GMAC/s:", {k: round(v) for k, v in result["fp32_peak_gmac_per_s"].items()})
     for name in args.models.split(","):
-        for size in args.sizes.split(","):
-            h, w = (int(v) for v in size.split("x"))
+        for h, w in args.sizes:
             config = measure(name, (h, w), args.runs, args.bf16)
             result["configs"].append(config)
-            print(f"{name} {size}")
+            print(f"{name} {h}x{w}")
             for key, row in config["variants"].items():
                 extra = ""
                 if "x_reference" in row:

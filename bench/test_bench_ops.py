@@ -33,3 +33,26 @@ def test_op(benchmark, case, variant: str) -> None:
     with torch.no_grad():
         result = benchmark(fn)
     assert result is not None
+
+
+@pytest.mark.parametrize(
+    "script,argv",
+    [
+        ("bench_ops", ["--quick", "--repeats", "-1"]),
+        ("bench_ops", ["--quick", "--threads", "0"]),
+        ("bench_ops", ["--quick", "--json", "/nonexistent-folder/x.json"]),
+        ("macs", ["--sizes", "64x"]),
+        ("macs", ["--models", "nosuch"]),
+        ("e2e", ["--sizes", "16x16"]),
+        ("e2e", ["--runs", "0"]),
+        ("e2e", ["--batches", "0"]),
+        ("e2e", ["--quick", "--runs", "3"]),  # --quick sets them itself: silently ignored before
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_any_measurement(script, argv, capsys):
+    """Each of these used to measure for a while and then end in a traceback (or be silently replaced)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).main(argv)
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
