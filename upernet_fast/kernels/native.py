@@ -170,8 +170,6 @@ def _build(cc: str, flags: list[str]) -> Path:
     src = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     machine = f"{cpu_model()}|{sys.platform}|{os.uname().machine if hasattr(os, 'uname') else ''}"
     key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + machine.encode()).hexdigest()[:16]
-    if cache_dir().exists() and not cache_dir().is_dir():
-        raise RuntimeError(f"the cache folder {cache_dir()} is a file; set {CACHE_ENV_VAR} to a folder")
     target = cache_dir() / f"upernet_fast_native-{isa()}-{key}.so"
     digest = target.with_name(target.name + ".sha256")
     if target.exists() and digest.exists() and digest.read_text().strip() == _sha256(target):
@@ -219,6 +217,8 @@ def library() -> ctypes.CDLL | None:
     try:
         if cc is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc)")
+        if cache_dir().exists() and not cache_dir().is_dir():
+            raise RuntimeError(f"the cache folder {cache_dir()} is a file; set {CACHE_ENV_VAR} to a folder")
         errors = []
         for flags in _flag_sets():
             try:
