@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import machine_info, positive_int  # noqa: E402
+from e2e import machine_info, non_negative_int, positive_int  # noqa: E402
 
 from upernet_fast import dispatch  # noqa: E402
 from upernet_fast.folding import fold_batchnorm_tensors
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeats", type=positive_int, default=None, help="timed runs per variant (default 7, quick 3)"
     )
-    p.add_argument("--warmup", type=positive_int, default=1)
+    p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument(
         "--backend", default=None, choices=dispatch.BACKENDS, help="default: $UPERNET_FAST_BACKEND or auto"
     )

@@ -416,31 +416,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MIN_SIDE = 32  # the backbones' total stride: smaller inputs cannot be segmented
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (a bad value is a usage error, not a traceback later)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is a usage error, not a traceback later)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
 def size_list(text: str) -> list[tuple[int, int]]:
-    """argparse type: comma-separated HxW sizes, each side at least ``MIN_SIDE``."""
-    sizes = []
-    for item in (t for t in text.split(",") if t):
-        try:
-            h, w = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected sizes like 512x683, got {item!r}") from None
-        if min(h, w) < MIN_SIDE:
-            raise argparse.ArgumentTypeError(f"{item}: each side must be at least {MIN_SIDE} pixels")
-        sizes.append((h, w))
+    """argparse type: comma-separated HxW sizes (the CLI's parser), each side at least the CLI's
+    ``MIN_SIDE``, the backbones' total stride."""
+    from upernet_fast.cli import MIN_SIDE, _size
+
+    sizes = [_size(t) for t in text.split(",") if t]
+    small = [f"{h}x{w}" for h, w in sizes if min(h, w) < MIN_SIDE]
+    if small:
+        raise argparse.ArgumentTypeError(f"{small[0]}: each side must be at least {MIN_SIDE} pixels")
     if not sizes:
         raise argparse.ArgumentTypeError("expected at least one size")
     return sizes

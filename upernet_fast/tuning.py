@@ -20,9 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,10 +95,9 @@ def _read_table(path: Path) -> dict[str, dict]:
 
 def _save(path: Path, table: dict[str, dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"machine": machine_key(), "entries": table}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # concurrent processes never read a half-written file
+    native.write_atomically(
+        path, json.dumps({"machine": machine_key(), "entries": table}, indent=1, sort_keys=True)
+    )
 
 
 def _time_ms(fn, best_so_far: float = float("inf")) -> float:

@@ -306,7 +306,7 @@ class ConvNextBackbone(Backbone):
         eager = eager_inference()
         noting = plan is not None and not plan.frozen and eager
         for stage in self.encoder.stages:
-            down = self._downsample_bf16x3(plan, stage, x) if eager else (False, "")
+            down = self._downsample_choice(plan, stage, x) if eager else (False, "")
             if noting and stage.downsampling_layer:
                 self._note_downsample(plan, stage, x, down)
             x = stage.downsample(x, down[0])
@@ -325,7 +325,7 @@ class ConvNextBackbone(Backbone):
             feature_maps=feature_maps, hidden_states=tuple(hidden_states) if output_hidden_states else None
         )
 
-    def _downsample_bf16x3(
+    def _downsample_choice(
         self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor
     ) -> tuple[bool, str]:
         """(bf16x3?, why) for `stage`'s downsampling of inputs like `x` (B, C, H, W), once per plan: as the
@@ -346,14 +346,12 @@ class ConvNextBackbone(Backbone):
         part = (
             f"downsampling_layer (LayerNorm + {k} conv): {conv.in_channels}->{conv.out_channels}, {x.dtype}"
         )
-        if down[0]:
-            plan.note(
-                stage, part, "bf16x3 GEMM on the normalised patches (split bfloat16, our AMX kernel)", down[1]
-            )
+        bf16x3, why = down  # why is never empty for a stage with a downsampling layer
+        if bf16x3:
+            impl = "bf16x3 GEMM on the normalised patches (split bfloat16, our AMX kernel)"
+            plan.note(stage, part, impl, why)
         else:
-            plan.note(
-                stage, part, "LayerNorm + oneDNN conv", f"not bf16x3: {down[1]}"
-            )  # why is never empty here
+            plan.note(stage, part, "LayerNorm + oneDNN conv", f"not bf16x3: {why}")
 
     def _mlp_bf16x3(self, plan: Plan | None, stage: ConvNextStage, x: torch.Tensor) -> tuple[bool, str]:
         """(bf16x3?, why) for `stage`'s MLPs on inputs like `x` (the stage's downsampled input)."""

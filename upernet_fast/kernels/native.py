@@ -189,7 +189,7 @@ def _build(cc: str, flags: list[str]) -> Path:
         if run.returncode != 0:
             raise RuntimeError(f"`{cc}` failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
-        _write_atomically(digest, _sha256(target))
+        write_atomically(digest, _sha256(target))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -200,7 +200,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file in the same folder and a rename: concurrent processes
+    never read a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -232,12 +234,8 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
-    except (
-        OSError,
-        RuntimeError,
-        AttributeError,
-        subprocess.SubprocessError,
-    ) as e:  # AttributeError: a symbol
+    # AttributeError: a library without one of the symbols (a foreign file under our name)
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warnings.warn(
             f"upernet_fast: native CPU helpers unavailable ({e}); using the PyTorch paths instead "
             f"(same results up to rounding, slower). Set {ENV_VAR}=0 to silence this.",
