@@ -309,6 +309,72 @@ def test_upsample_shift_add_low_precision(dtype, layout) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------- upsample_shift_add_sum
+def usa_sum_ref(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
+    """The definition in float64, from pieces tested above: base + each group's shift-add, then ReLU."""
+    out = base.double() + sum(upsample_shift_add(t.double(), base.shape[2:]) for t in taps)
+    return out.clamp_min(0) if relu else out
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_upsample_shift_add_sum_is_bottleneck_fp64(layout, relu) -> None:
+    """relu(base + conv3x3(cat(upsampled groups))) with the conv split per group: the identity the decode
+    head's bottlenecks rely on, against F.interpolate + F.conv2d in float64."""
+    size, srcs = (29, 35), [(7, 9), (3, 5), (29, 35)]
+    xs = [rand(2, 4, *s, dtype=torch.float64, seed=i) for i, s in enumerate(srcs)]
+    wts = [rand(5, 4, 3, 3, dtype=torch.float64, seed=10 + i) / 4 for i in range(len(srcs))]
+    base = rand(2, 5, *size, dtype=torch.float64, seed=20)
+    if layout == "cl":
+        xs, base = [cl(x) for x in xs], cl(base)
+    taps = [F.conv2d(x, conv3x3_taps_weight(w)) for x, w in zip(xs, wts, strict=True)]
+    up = torch.cat([F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in xs], 1)
+    ref = base + F.conv2d(up, torch.cat(wts, 1), padding=1)
+    ref = F.relu(ref) if relu else ref
+    got = fpn.upsample_shift_add_sum(base, taps, relu)
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    assert_close(got, ref, 1e-13 * ref.abs().max().item(), "upsample_shift_add_sum")
+    assert_close(fpn.upsample_shift_add_sum(base, [], relu), F.relu(base) if relu else base, 0.0, "no groups")
+
+
+SUM_CASES = [  # (B, C, (H, W), group sizes): C = 72 runs a vector chunk of 64 and a scalar tail
+    (1, 72, (29, 35), [(7, 9), (15, 18), (29, 35)]),
+    (2, 5, (17, 13), [(3, 5), (9, 11)]),
+    (1, 64, (16, 16), [(8, 8), (4, 4), (2, 2), (1, 1)]),
+    (2, 3, (5, 7), [(9, 11)]),  # downsampling
+]
+
+
+@pytest.mark.skipif(native.library() is None, reason="C helpers unavailable")
+@pytest.mark.parametrize("B,C,size,srcs", SUM_CASES)
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("taps_dtype", [torch.bfloat16, torch.float32])
+def test_upsample_shift_add_sum_c_kernel(B, C, size, srcs, base_dtype, taps_dtype) -> None:
+    """csrc/usa.c's one-pass sum (channels-last CPU maps take it) on exactly representable inputs: within
+    float32 rounding of the float64 definition, with and without the ReLU, NaN propagated as F.relu does."""
+    base = cl(rand(B, C, *size, seed=1).to(base_dtype))
+    base[0, 0, 0, 0] = float("nan")
+    taps = [cl(rand(B, 9 * C, *s, seed=2 + i).to(taps_dtype)) for i, s in enumerate(srcs)]
+    assert fpn._usa_sum_native_possible(base, fpn._check_usa_sum(base, taps))
+    for relu in (False, True):
+        ref = usa_sum_ref(base, taps, relu)
+        got = fpn.upsample_shift_add_sum(base, taps, relu)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isnan(got[0, 0, 0, 0])
+        got[0, 0, 0, 0] = ref[0, 0, 0, 0] = 0.0
+        assert_close(got, ref, 1e-6 * ref.abs().max().item(), f"relu={relu}")
+        if relu:
+            assert (got >= 0).all()
+
+
+def test_upsample_shift_add_sum_errors() -> None:
+    base = rand(1, 4, 9, 9)
+    with pytest.raises(ValueError, match="do not match the base"):
+        fpn.upsample_shift_add_sum(base, [rand(1, 9 * 3, 4, 4)])
+    with pytest.raises(ValueError, match="expected an NCHW base"):
+        fpn.upsample_shift_add_sum(rand(4, 9, 9), [rand(1, 9 * 4, 4, 4)])
+
+
 # ------------------------------------------------------------------------------------------------ resize
 @pytest.mark.parametrize("size", [(29, 35), (3, 4), (13, 17), (1, 1), (52, 68), (40, 171)])
 def test_resize_bilinear_torch(size) -> None:

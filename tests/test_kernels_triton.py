@@ -37,6 +37,8 @@ from upernet_fast.kernels.fpn import (  # noqa: E402
     topdown_add_torch,
     topdown_add_triton,
     upsample_shift_add,
+    upsample_shift_add_sum_torch,
+    upsample_shift_add_sum_triton,
     upsample_shift_add_torch,
     upsample_shift_add_triton,
 )
@@ -215,6 +217,31 @@ def test_upsample_shift_add(dtype, src, size, layout) -> None:
     out = torch.full(ref64.shape, 0.25, dtype=dtype, device=DEVICE)
     upsample_shift_add(taps, size, out=out, backend="triton")
     check("upsample_shift_add", out, upsample_shift_add_torch(taps, size) + 0.25, plain + 0.25, ref64 + 0.25)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upsample_shift_add_sum(dtype) -> None:
+    """The bottleneck tail: base + both groups' shift-adds + ReLU, float32 out (Triton composes its own
+    shift-add kernel; the PyTorch path on CPU is the one-pass C sum for float32)."""
+    size, srcs = (13, 11), [(4, 3), (7, 6)]
+    xs = [cl(rand(1, 4, *s, dtype=dtype, seed=i)) for i, s in enumerate(srcs)]
+    wts = [rand(3, 4, 3, 3, dtype=dtype, seed=5 + i) / 3 for i in range(len(srcs))]
+    base = cl(rand(1, 3, *size, dtype=dtype, seed=9))
+    taps = [
+        F.conv2d(x.float(), conv3x3_taps_weight(w.float())).to(dtype) for x, w in zip(xs, wts, strict=True)
+    ]
+    up = torch.cat(
+        [F.interpolate(x.double(), size=size, mode="bilinear", align_corners=False) for x in xs], 1
+    )
+    ref = F.relu(base.double() + F.conv2d(up, torch.cat(wts, 1).double(), padding=1))
+    got = upsample_shift_add_sum_triton(base, taps, True)
+    want = upsample_shift_add_sum_torch(base, taps, True)
+    assert got.dtype == want.dtype == torch.float32
+    # both sum the same rounded taps in float32: they agree to float32 rounding; the float64 reference
+    # differs by the taps' rounding (float16: ~3 significant digits)
+    scale = ref.abs().max().item()
+    assert_close(got, want, 1e-5 * scale, "triton vs torch")
+    assert_close(got, ref, (1e-5 if dtype == torch.float32 else 5e-3) * scale, "triton vs float64")
 
 
 # ------------------------------------------------------------------------------------------------ resize

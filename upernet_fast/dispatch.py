@@ -45,7 +45,6 @@ from . import kernels, tuning
 from .folding import cached
 from .kernels import native
 from .kernels._common import env_switch, interpreting, native_bf16, onednn_prepacked, out_memory_format
-from .kernels._memory import empty_output
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible, onednn_weight_useful
 from .kernels.gemm_bf16x3 import amx_gemm_available, conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
@@ -119,6 +118,7 @@ OPS: dict[str, Callable] = {
     "adaptive_pool_multi": kernels.adaptive_pool_multi,
     "topdown_add": kernels.topdown_add,
     "upsample_shift_add": kernels.upsample_shift_add,
+    "upsample_shift_add_sum": kernels.upsample_shift_add_sum,
     "resize_bilinear": kernels.resize_bilinear,
     "resize_argmax": kernels.resize_argmax,
 }
@@ -445,15 +445,6 @@ def taps_weight(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) -> (9 * Cout, Cin, 1, 1) tap weights for ``upsample_shift_add`` (re-exported so
     the model layer asks dispatch, never a kernel module)."""
     return kernels.conv3x3_taps_weight(weight)
-
-
-def widen_to_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x.float()`` into a buffer from the ops' buffer cache (``kernels/_memory.py``): in a bf16 model the
-    fused bottleneck's 32 MiB float32 accumulator would otherwise be page-faulted afresh on every call."""
-    if torch.compiler.is_compiling():
-        return x.float()
-    out = empty_output(x.shape, dtype=torch.float32, device=x.device, memory_format=out_memory_format(x))
-    return out.copy_(x)
 
 
 def resolve_backend(backend: str | None, device: torch.device | str | None = None) -> Concrete:

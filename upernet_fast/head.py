@@ -157,10 +157,9 @@ class UperNetHead(nn.Module):
             low, w_taps = low[1:], w_taps[1:]
         else:
             out = ops.conv(module, name, module.sources, direct, w_direct, bias, 1, False)
-        if low and out.dtype in _ACCUMULATE_IN_FLOAT32:
-            # bf16/fp16 compute: the groups are summed in float32 (the shift-add's own op-math type, so it
-            # accumulates in place instead of adding a converted copy; and one rounding fewer per group).
-            out = dispatch.widen_to_float32(out)
+        if not low:
+            return F.relu_(out)
+        taps = []
         for i, (feat, wt) in enumerate(zip(low, w_taps, strict=True)):
             ops.note(
                 module,
@@ -168,9 +167,10 @@ class UperNetHead(nn.Module):
                 "low-resolution taps + upsample-shift-add",
                 "exact rewrite (conv3x3 of an upsampled map = shift-add of upsampled taps)",
             )
-            taps = ops.conv(module, _taps_name(i, feat), module.sources, feat, wt, None, 0, False)
-            out = ops.upsample_shift_add(taps, out.shape[2:], out=out)
-        return F.relu_(out)
+            taps.append(ops.conv(module, _taps_name(i, feat), module.sources, feat, wt, None, 0, False))
+        # direct conv + every group's shift-add + ReLU, summed in float32 for bf16/fp16 compute (one rounding
+        # fewer per group); on CPU one pass writing each output pixel once
+        return ops.upsample_shift_add_sum(out, taps, relu=True)
 
     def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
         """The pyramid-pooling module. In a bf16/fp16 model it runs in float32 (weights folded from the

@@ -5,7 +5,7 @@ in this package imports from the rest of ``upernet_fast``; which implementation 
 
 from ._common import HAS_TRITON
 from .conv_bn_relu import conv_bn_relu
-from .fpn import conv3x3_taps_weight, topdown_add, upsample_shift_add
+from .fpn import conv3x3_taps_weight, topdown_add, upsample_shift_add, upsample_shift_add_sum
 from .ppm import adaptive_pool_multi
 from .resize import resize_argmax, resize_bilinear
 
@@ -18,4 +18,5 @@ __all__ = [
     "resize_bilinear",
     "topdown_add",
     "upsample_shift_add",
+    "upsample_shift_add_sum",
 ]

@@ -75,6 +75,9 @@ __all__ = [
     "upsample_shift_add",
     "upsample_shift_add_triton",
     "upsample_shift_add_torch",
+    "upsample_shift_add_sum",
+    "upsample_shift_add_sum_triton",
+    "upsample_shift_add_sum_torch",
     "conv3x3_taps_weight",
 ]
 
@@ -503,3 +506,105 @@ def upsample_shift_add(
         raise ValueError(f"upsample_shift_add: out has spatial size {tuple(out.shape[2:])}, size is {size}")
     UPSAMPLE_SHIFT_ADD_[backend](taps, out)
     return out
+
+
+# -------------------------------------------------------------------------------- upsample_shift_add_sum
+def _check_usa_sum(base: torch.Tensor, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+    if base.dim() != 4:
+        raise ValueError(f"upsample_shift_add_sum: expected an NCHW base, got shape {tuple(base.shape)}")
+    taps = [_as_taps(t) for t in taps]
+    B, C, H, W = base.shape
+    for t in taps:
+        _check_usa(t, (H, W), None)
+        if (t.shape[0], t.shape[2]) != (B, C):
+            raise ValueError(
+                f"upsample_shift_add_sum: taps {tuple(t.shape)} do not match the base's (B, C) = {(B, C)}"
+            )
+    return taps
+
+
+def _usa_sum_composed(base: torch.Tensor, taps: list[torch.Tensor], relu: bool, backend: str) -> torch.Tensor:
+    """The definition: the base widened to its op-math dtype, each group's shift-add accumulated into it."""
+    fmt = out_memory_format(base)
+    out = empty_output(base.shape, dtype=opmath_dtype(base.dtype), device=base.device, memory_format=fmt)
+    out.copy_(base)
+    for t in taps:
+        _USA_IMPLS[backend](t, base.shape[2:], out)
+    return F.relu_(out) if relu else out
+
+
+def _usa_sum_native_possible(base: torch.Tensor, taps: list[torch.Tensor]) -> bool:
+    """Where ``csrc/usa.c``'s one-pass sum runs: a channels-last float32 or bfloat16 CPU base with unit
+    channel stride, channels-last float32 or bfloat16 taps, C helpers built."""
+    return (
+        base.device.type == "cpu"
+        and base.dtype in (torch.float32, torch.bfloat16)
+        and base.stride(1) == 1
+        and out_memory_format(base) == torch.channels_last
+        and all(
+            t.dtype in (torch.float32, torch.bfloat16) and _usa_out_format(t) == torch.channels_last
+            for t in taps
+        )
+        and native.library() is not None
+    )
+
+
+def _usa_sum_native(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
+    B, C, H, W = base.shape
+    out = empty_output(base.shape, dtype=torch.float32, device=base.device, memory_format=torch.channels_last)
+    rows, keep = [], []
+    for t in taps:
+        flat = t.flatten(1, 2)  # (B, 9C, h, w), channels-last: physical (B, h, w, 9, C)
+        h, w = t.shape[3:]
+        tables = (*_shifted_indices(h, H), *_shifted_indices(w, W))
+        keep.append(flat)
+        rows.append(
+            [flat.data_ptr(), int(flat.dtype == torch.bfloat16), flat.stride(0), flat.stride(2), flat.stride(3),
+             h, w, *(x.data_ptr() for x in tables)]
+        )  # fmt: skip
+    groups = torch.tensor(rows, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    workspace = empty_output((threads * len(taps) * 6 * 8 * C,), dtype=torch.float32, device=base.device)
+    kind = 2 if base.dtype == torch.bfloat16 else 1
+    native.library().usa_sum_nhwc(
+        out.data_ptr(), out.stride(0), out.stride(2), out.stride(3), B, H, W, C,
+        base.data_ptr(), kind, base.stride(0), base.stride(2), base.stride(3),
+        len(taps), groups.data_ptr(), int(relu), workspace.data_ptr(), threads,
+    )  # fmt: skip
+    return out
+
+
+def upsample_shift_add_sum_torch(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
+    taps = _check_usa_sum(base, taps)
+    if taps and _usa_sum_native_possible(base, taps):
+        return _usa_sum_native(base, taps, relu)
+    return _usa_sum_composed(base, taps, relu, "torch")
+
+
+def upsample_shift_add_sum_triton(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
+    taps = _check_usa_sum(base, taps)
+    check_triton_tensors(base, *taps)
+    return _usa_sum_composed(base, taps, relu, "triton")
+
+
+def _usa_sum_fake(base, taps, relu):
+    _check_usa_sum(base, taps)
+    return torch.empty_like(base, dtype=opmath_dtype(base.dtype), memory_format=out_memory_format(base))
+
+
+UPSAMPLE_SHIFT_ADD_SUM = register_ops(
+    "upsample_shift_add_sum",
+    {"torch": upsample_shift_add_sum_torch, "triton": upsample_shift_add_sum_triton},
+    _usa_sum_fake,
+)
+
+
+def upsample_shift_add_sum(
+    base: torch.Tensor, taps: list[torch.Tensor], relu: bool = False, *, backend: str = "torch"
+) -> torch.Tensor:
+    """``relu?(base + sum_g upsample_shift_add(taps[g], base's size))`` in ``base``'s op-math dtype (float32
+    for bfloat16/float16/float32): a split bottleneck's direct conv plus all its upsampled groups (and the
+    BN-folded conv's ReLU). On CPU with bfloat16 channels-last taps this is one pass in C
+    (``csrc/usa.c``, ``usa_sum_nhwc``): each output pixel is written once, instead of a widening copy, a
+    read-modify-write of the whole map per group and a ReLU pass."""
+    return UPSAMPLE_SHIFT_ADD_SUM[backend](base, list(taps), bool(relu))

@@ -74,6 +74,8 @@ _SIGNATURES["amx_request"] = ()
 # out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
 # workspace, threads
 _SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
+# out, ob, oh, ow, B, H, W, C, base, base_kind, bb, bh, bw, G, groups, relu, workspace, threads
+_SIGNATURES["usa_sum_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _P, _I, _L, _L, _L, _I, _P, _I, _P, _I)
 # hi, hb, hh, hw, lo, lb, lh, lw, y, yb, yh, yw, B, C, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads
 _SIGNATURES["topdown_add_nhwc_bf16"] = (*[_P, _L, _L, _L] * 3, _L, _I, _I, _I, *[_P] * 8, _I)
 _RETURNS = {"resize_bilinear_planes": ctypes.c_int, "amx_request": ctypes.c_int}
