@@ -38,9 +38,10 @@
       * NCHW taps: the same in transpose: height pass first as one ``embedding_bag`` over w-vector rows
         (bag (c, Y, dx) = 6 weighted rows (dy, k)), then the width pass as banded GEMMs into ``out`` seen as
         (C * H, W), per chunk of channels.
-      * bfloat16 channels-last taps into a float32 channels-last ``out`` (the bf16 model's bottlenecks), with
-        the C helpers: ``csrc/usa.c``, the same separable sum per output row (width pass per low-res row,
-        kept in a per-thread cache, then 6 weighted rows per output pixel), reading the bf16 taps directly.
+      * bfloat16 channels-last taps into a float32 channels-last ``out``, with the C helpers: ``csrc/usa.c``,
+        the same separable sum per tile of output rows and columns (width pass per low-res row, kept in a
+        per-thread cache, then 6 weighted rows per output pixel), reading the bf16 taps directly. The same
+        kernel sums a bottleneck's direct conv and all its groups in one pass (``upsample_shift_add_sum``).
     ``out`` of another layout or dtype gets one extra add. Float16 is computed in float32.
 
     Why this algorithm and not the simpler ones (9 full-size resizes and shifted adds; separable
@@ -413,16 +414,40 @@ def _usa_native_possible(taps: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def _usa_native(taps: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    B, _, C, h, w = taps.shape
-    H, W = out.shape[2:]
-    flat = taps.flatten(1, 2)  # (B, 9C, h, w), channels-last: physical (B, h, w, 9, C)
-    ys, xs = _shifted_indices(h, H), _shifted_indices(w, W)
-    threads = torch.get_num_threads()
-    workspace = empty_output((threads * 6 * W * C,), dtype=torch.float32, device=out.device)
-    native.library().usa_nhwc(
-        out.data_ptr(), out.stride(0), out.stride(2), out.stride(3), B, H, W, C, int(accumulate),
-        flat.data_ptr(), int(flat.dtype == torch.bfloat16), flat.stride(0), flat.stride(2), flat.stride(3),
-        *(t.data_ptr() for t in (*ys, *xs)), workspace.data_ptr(), threads,
+    """One group into ``out``: the one-pass sum of ``csrc/usa.c`` with ``out`` as its own base."""
+    _usa_sum_c(out, out if accumulate else None, [taps], relu=False)
+
+
+def _usa_sum_c(out: torch.Tensor, base: torch.Tensor | None, taps: list[torch.Tensor], relu: bool) -> None:
+    """``out = relu?(base + sum of the groups' shift-adds)`` by ``usa_sum_nhwc``: ``out`` channels-last
+    float32, ``base`` None (zero) or channels-last float32/bfloat16 with unit channel stride (may be ``out``),
+    taps (B, 9, C, h, w) channels-last float32/bfloat16."""
+    B, C, H, W = out.shape
+    rows, keep = [], []
+    for t in taps:
+        flat = t.flatten(1, 2)  # (B, 9C, h, w), channels-last: physical (B, h, w, 9, C)
+        h, w = t.shape[3:]
+        tables = (*_shifted_indices(h, H), *_shifted_indices(w, W))
+        keep.append(flat)
+        rows.append(
+            [flat.data_ptr(), int(flat.dtype == torch.bfloat16), flat.stride(0), flat.stride(2), flat.stride(3),
+             h, w, *(x.data_ptr() for x in tables)]
+        )  # fmt: skip
+    groups = torch.tensor(rows, dtype=torch.int64)
+    lib, threads = native.library(), torch.get_num_threads()
+    # from the buffer cache: a fresh workspace per call would page-fault every time
+    size = threads * lib.usa_sum_workspace(len(taps), C)
+    workspace = empty_output((size,), dtype=torch.float32, device=out.device)
+    kind, strides = 0, (0, 0, 0)
+    if base is not None:
+        kind, strides = (
+            (2 if base.dtype == torch.bfloat16 else 1),
+            (base.stride(0), base.stride(2), base.stride(3)),
+        )
+    lib.usa_sum_nhwc(
+        out.data_ptr(), out.stride(0), out.stride(2), out.stride(3), B, H, W, C,
+        None if base is None else base.data_ptr(), kind, *strides,
+        len(taps), groups.data_ptr(), int(relu), workspace.data_ptr(), threads,
     )  # fmt: skip
 
 
@@ -550,27 +575,8 @@ def _usa_sum_native_possible(base: torch.Tensor, taps: list[torch.Tensor]) -> bo
 
 
 def _usa_sum_native(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
-    B, C, H, W = base.shape
     out = empty_output(base.shape, dtype=torch.float32, device=base.device, memory_format=torch.channels_last)
-    rows, keep = [], []
-    for t in taps:
-        flat = t.flatten(1, 2)  # (B, 9C, h, w), channels-last: physical (B, h, w, 9, C)
-        h, w = t.shape[3:]
-        tables = (*_shifted_indices(h, H), *_shifted_indices(w, W))
-        keep.append(flat)
-        rows.append(
-            [flat.data_ptr(), int(flat.dtype == torch.bfloat16), flat.stride(0), flat.stride(2), flat.stride(3),
-             h, w, *(x.data_ptr() for x in tables)]
-        )  # fmt: skip
-    groups = torch.tensor(rows, dtype=torch.int64)
-    threads = torch.get_num_threads()
-    workspace = empty_output((threads * len(taps) * 6 * 8 * C,), dtype=torch.float32, device=base.device)
-    kind = 2 if base.dtype == torch.bfloat16 else 1
-    native.library().usa_sum_nhwc(
-        out.data_ptr(), out.stride(0), out.stride(2), out.stride(3), B, H, W, C,
-        base.data_ptr(), kind, base.stride(0), base.stride(2), base.stride(3),
-        len(taps), groups.data_ptr(), int(relu), workspace.data_ptr(), threads,
-    )  # fmt: skip
+    _usa_sum_c(out, base, taps, relu)
     return out
 
 

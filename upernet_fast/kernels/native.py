@@ -7,7 +7,8 @@
 - ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop),
   and the bfloat16 top-down add (resize + add in one pass, one rounding).
 - ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
-- ``csrc/usa.c``: ``upsample_shift_add`` of bfloat16 channels-last taps (``fpn.py``).
+- ``csrc/usa.c``: ``upsample_shift_add`` of channels-last taps, and a bottleneck's direct conv + all its
+  groups + ReLU in one pass (``fpn.py``).
 - ``csrc/gemm_bf16x3.c``: the ConvNeXt block MLP and 1x1 convs as split-bfloat16 GEMMs, on MKL or on
   its own AMX kernel (``gemm_bf16x3.py``).
 
@@ -71,14 +72,12 @@ _SIGNATURES["bf16x3_linear"] = (_P, _L, _I, _I, _P, _P, _I, _P, _L, _P, _P, _I)
 _SIGNATURES["gelu_erf_reference"] = (_P, _P, _L)
 # -> 1 when this process may use AMX tiles (never on CPUs without AMX, or builds without the kernel)
 _SIGNATURES["amx_request"] = ()
-# out, ob, oh, ow, B, H, W, C, accumulate, taps, bf16, tb, th, tw, yi0, yi1, yl0, yl1, xj0, xj1, xl0, xl1,
-# workspace, threads
-_SIGNATURES["usa_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _I, _P, _I, _L, _L, _L, *[_P] * 9, _I)
 # out, ob, oh, ow, B, H, W, C, base, base_kind, bb, bh, bw, G, groups, relu, workspace, threads
 _SIGNATURES["usa_sum_nhwc"] = (_P, _L, _L, _L, _I, _I, _I, _I, _P, _I, _L, _L, _L, _I, _P, _I, _P, _I)
+_SIGNATURES["usa_sum_workspace"] = (_I, _I)  # G, C -> floats per thread
 # hi, hb, hh, hw, lo, lb, lh, lw, y, yb, yh, yw, B, C, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads
 _SIGNATURES["topdown_add_nhwc_bf16"] = (*[_P, _L, _L, _L] * 3, _L, _I, _I, _I, *[_P] * 8, _I)
-_RETURNS = {"resize_bilinear_planes": ctypes.c_int, "amx_request": ctypes.c_int}
+_RETURNS = {"resize_bilinear_planes": ctypes.c_int, "amx_request": ctypes.c_int, "usa_sum_workspace": _L}
 
 
 def enabled() -> bool:

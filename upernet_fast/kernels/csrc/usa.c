@@ -1,15 +1,18 @@
-/* upsample_shift_add into a channels-last float32 map (see fpn.py):
+/* upsample_shift_add of channels-last maps (see fpn.py), summed over G groups of taps onto a base:
  *
- *   out[b, Y, X, :] (+)= sum_dy sum_(i, ly)  ly * R_dy[b, i][X, :]
- *   R_dy[b, i][X, :]  =  sum_dx sum_(j, lx)  lx * taps[b, i, j, 3 * (dy + 1) + (dx + 1), :]
+ *   out[b, Y, X, :] = relu?( base[b, Y, X, :] + sum_g usa(taps_g)[b, Y, X, :] )
+ *   usa(taps)[b, Y, X, :] = sum_dy sum_(i, ly)  ly * R_dy[b, i][X, :]
+ *   R_dy[b, i][X, :]      = sum_dx sum_(j, lx)  lx * taps[b, i, j, 3 * (dy + 1) + (dx + 1), :]
  *
  * where (i, ly) / (j, lx) are the 2 bilinear source rows / columns of the shifted output row Y + dy /
  * column X + dx under ATen's index rule, weight 0 off the output (the conv's zero padding); the caller
  * passes them as tables (3, H) / (3, W), row k for shift k - 1 (`fpn._shifted_indices`). Separable: the
  * width pass R_dy[b, i] is computed once per low-resolution row and kept in a small per-thread cache (two
- * rows per dy: output rows go in order, so each is computed about once), and each output pixel then sums
- * its (up to 6) rows' vectors in one pass. The taps are float32 or bfloat16 (widened exactly), with unit
- * channel stride. OpenMP over output rows (contiguous chunks per thread).
+ * rows per dy and group: output rows go in order, so each is computed about once), and each output pixel
+ * then sums its (up to 6 per group) rows' vectors and its base in registers and is written once: for a
+ * split bottleneck (fpn.upsample_shift_add_sum) that replaces the base's widening copy, a read-modify-write
+ * of the whole map per group and a ReLU pass. The taps are float32 or bfloat16 (widened exactly), with
+ * unit channel stride.
  */
 #include "bf16.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -19,105 +22,19 @@
 #include <omp.h>
 #endif
 
-static inline void axpy_f32(float *restrict o, const float *restrict s, float a, int C) {
-    for (int c = 0; c < C; c++) o[c] += a * s[c];
-}
-
-static inline void axpy_bf16(float *restrict o, const uint16_t *restrict s, float a, int C) {
-    for (int c = 0; c < C; c++) o[c] += a * from_bf16(s[c]);
-}
-
 typedef struct {
     long b, i, stamp;
     float *data;
 } slot_t;
 
-/* out (B, H, W, C), strides ob, oh, ow; taps (B, h, w, 9C), strides tb, th, tw, float32 or (bf16) bfloat16;
- * ytab = i0, i1 (long), l0, l1 (float) each (3, H); xtab likewise (3, W). `workspace`: threads * 6 * W * C
- * floats for the cached rows (the caller reuses it between calls: a fresh buffer would page-fault on every
- * call). */
-void usa_nhwc(float *out, long ob, long oh, long ow, int B, int H, int W, int C, int accumulate, const void *taps,
-             int bf16, long tb, long th, long tw, const long *yi0, const long *yi1, const float *yl0,
-             const float *yl1, const long *xj0, const long *xj1, const float *xl0, const float *xl1,
-             float *workspace, int threads) {
-    const long *yi[2] = {yi0, yi1}, *xj[2] = {xj0, xj1};
-    const float *yl[2] = {yl0, yl1}, *xl[2] = {xl0, xl1};
-#pragma omp parallel num_threads(threads)
-    {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        slot_t slots[6];
-        const float *rows[6];
-        float weights[6];
-        for (int s = 0; s < 6; s++) {
-            slots[s].b = slots[s].i = -1;
-            slots[s].stamp = 0;
-            slots[s].data = workspace + ((size_t)t * 6 + s) * W * C;
-        }
-        long clock = 0;
-#pragma omp for schedule(static)
-        for (long row = 0; row < (long)B * H; row++) {
-            long b = row / H;
-            int Y = (int)(row % H), n = 0;
-            for (int dy = 0; dy < 3; dy++) {
-                for (int ky = 0; ky < 2; ky++) {
-                    float ly = yl[ky][dy * H + Y];
-                    if (ly == 0.0f) continue;
-                    long i = yi[ky][dy * H + Y];
-                    slot_t *pair = slots + 2 * dy, *s = NULL;
-                    if (pair[0].b == b && pair[0].i == i)
-                        s = pair;
-                    else if (pair[1].b == b && pair[1].i == i)
-                        s = pair + 1;
-                    if (s == NULL) { /* width pass of low-res row i into the less recently used slot */
-                        s = pair[0].stamp <= pair[1].stamp ? pair : pair + 1;
-                        s->b = b;
-                        s->i = i;
-                        memset(s->data, 0, sizeof(float) * (size_t)W * C);
-                        for (int X = 0; X < W; X++) {
-                            float *r = s->data + (size_t)X * C;
-                            for (int dx = 0; dx < 3; dx++) {
-                                for (int kx = 0; kx < 2; kx++) {
-                                    float lx = xl[kx][dx * W + X];
-                                    if (lx == 0.0f) continue;
-                                    long off = b * tb + i * th + xj[kx][dx * W + X] * tw + (long)(3 * dy + dx) * C;
-                                    if (bf16)
-                                        axpy_bf16(r, (const uint16_t *)taps + off, lx, C);
-                                    else
-                                        axpy_f32(r, (const float *)taps + off, lx, C);
-                                }
-                            }
-                        }
-                    }
-                    s->stamp = ++clock;
-                    rows[n] = s->data;
-                    weights[n++] = ly;
-                }
-            }
-            for (int X = 0; X < W; X++) {
-                float *o = out + b * ob + (long)Y * oh + (long)X * ow;
-                if (!accumulate) memset(o, 0, sizeof(float) * (size_t)C);
-                for (int k = 0; k < n; k++) axpy_f32(o, rows[k] + (size_t)X * C, weights[k], C);
-            }
-        }
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------------------
- * usa_sum_nhwc: the whole high-resolution tail of a split bottleneck in one pass (fpn.upsample_shift_add_sum):
- *
- *   out[b, Y, X, :] = relu?( base[b, Y, X, :] + sum_g usa(taps_g)[b, Y, X, :] )
- *
- * for G groups of taps at their own low resolutions. Each output pixel is written once, instead of the
- * base's widening copy, one read-modify-write of the whole map per group and a ReLU pass. Work goes in
- * tiles of output rows (a contiguous range per thread) x USA_COLS columns, so the width-pass rows of all
- * groups (G x 6 slots of USA_COLS x C floats) stay in L2 while the tile's rows are summed.
- * `groups`: G rows of 15 longs: taps address, is-bf16, tb, th, tw, h, w, then the addresses of the tables
- * yi0, yi1, yl0, yl1 ((3, H) each) and xj0, xj1, xl0, xl1 ((3, W) each), as for usa_nhwc.
+/* usa_sum_nhwc: out (B, H, W, C) float32, strides ob, oh, ow. Work goes in tiles of output rows (a
+ * contiguous range per OpenMP thread) x USA_COLS columns, so the width-pass rows of all groups (G x 6 slots
+ * of USA_COLS x C floats) stay in L2 while the tile's rows are summed.
+ * `groups`: G rows of 15 longs: taps address (B, h, w, 9C), is-bf16, tb, th, tw, h, w, then the addresses
+ * of the tables yi0, yi1 (long), yl0, yl1 (float) ((3, H) each) and xj0, xj1, xl0, xl1 ((3, W) each).
  * `base_kind`: 0 none (zero), 1 float32, 2 bfloat16; base has unit channel stride. out may alias base
- * (float32, same strides). workspace: threads * G * 6 * USA_COLS * C floats.
+ * (float32, same strides: each pixel's base is read before it is written). workspace:
+ * usa_sum_workspace(G, C) floats per thread.
  */
 #define USA_COLS 8
 /* Vectors of the build's width (GCC vector extensions, one register each): AVX-512 16 floats, AVX2 8, else 4. */
@@ -160,7 +77,7 @@ static inline vf relu_v(vf v) {
 
 /* o[0:len] = relu?(init + sum_k w[k] * rows[k][0:len]), rows float32 or (rows_bf16) bfloat16; CHUNK channels
  * at a time in vector registers, so o is written once and never read. */
-static void sum_rows(float *restrict o, const void *init, int init_kind, const void *const *rows, int rows_bf16,
+static void sum_rows(float *o, const void *init, int init_kind, const void *const *rows, int rows_bf16,
                      const float *w, int n, int len, int relu) {
     enum { NV = CHUNK / VL };
     int c = 0;
@@ -187,6 +104,8 @@ static void sum_rows(float *restrict o, const void *init, int init_kind, const v
         o[c] = relu && a < 0.0f ? 0.0f : a;
     }
 }
+
+long usa_sum_workspace(int G, int C) { return (long)G * 6 * USA_COLS * C; }
 
 void usa_sum_nhwc(float *out, long ob, long oh, long ow, int B, int H, int W, int C, const void *base,
                   int base_kind, long bb, long bh, long bw, int G, const long *groups, int relu,
