@@ -99,12 +99,27 @@ def test_one_level_model_exports_and_matches(tmp_path):
             name, reason=f"{name} is not installed (the optional extra: pip install -e .[onnx])"
         )
     ref = make_reference("convnext", out_features=["stage4"], use_auxiliary_head=False)
+    (tmp_path / "one.onnx").write_bytes(b"an older file")  # replaced: overwrite=True is the default
     session = upernet_fast.ort_session(upernet_fast.export_onnx(ref, tmp_path / "one.onnx"), threads=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["one.onnx"]  # no temporary file left behind
     x = torch.randn(2, 3, 64, 97, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = ref(x).logits
     got = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
     compare_logits(expected, got, REL_TOL, MIN_AGREE)
+
+
+def test_cli_export_keeps_an_existing_file(tmp_path, capsys):
+    """`upernet-fast export` replaces a file only with --overwrite (as `convert` does); checked before the
+    model is loaded. A folder as --out is refused either way."""
+    from upernet_fast.cli import main
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    assert main(["export", "no/such/checkpoint", "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert main(["export", "no/such/checkpoint", "--out", str(tmp_path), "--overwrite"]) == 1
+    assert "is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,14 @@ def test_resnet_has_no_backbone_choice():
     assert _backbone_notes(model) == []
 
 
+@pytest.mark.parametrize("args", [(torch.zeros(1, 3, 64, 64),), (64.0, 64), (64, 0), (64, 64, True)])
+def test_plan_takes_sizes_not_tensors(args):
+    """`plan(x)` with an input tensor was a raw torch.zeros unpacking error."""
+    model = upernet_fast.load(make_reference("resnet"), tune=False)
+    with pytest.raises(TypeError, match="must be a positive int"):
+        model.plan(*args)
+
+
 @pytest.mark.parametrize("built", [True, False])
 def test_native_helper_notes_match_the_kernels(monkeypatch, built):
     """The Winograd tile transforms and the logits resize are noted as C exactly when the kernels run

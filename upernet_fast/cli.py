@@ -478,7 +478,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         path = export_onnx(
-            args.source, args.out, opset=args.opset, dynamic=args.static is None, static_size=args.static
+            args.source,
+            args.out,
+            opset=args.opset,
+            dynamic=args.static is None,
+            static_size=args.static,
+            overwrite=args.overwrite,
         )
     except ImportError as exc:  # the optional `onnx` extra is missing: the message says how to install it
         _err(f"error: {exc}")
@@ -658,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output .onnx file")
     export.add_argument("--static", default=None, metavar="HxW", help="fixed input size (batch 1) instead")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    export.add_argument("--overwrite", action="store_true", help="replace a file already at --out")
     export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="segment a bundled synthetic image with the embedded model")

@@ -134,6 +134,9 @@ class FastUperNet(nn.Module):
         (default rule, measured on this CPU, or forced): the frozen plan of that input signature, built by
         one forward pass on zeros if no call has built it yet (tuning, when on, happens then if this
         machine never measured these shapes)."""
+        for name, value in (("height", height), ("width", width), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TypeError(f"plan: {name} must be a positive int, got {value!r}")
         x = torch.zeros(
             batch, self.backbone.num_channels, height, width, dtype=self.dtype, device=self.device
         )

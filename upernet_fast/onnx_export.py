@@ -29,6 +29,7 @@ import copy
 import importlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -286,6 +287,7 @@ def export_onnx(
     dynamic: bool = True,
     dtype: torch.dtype | None = None,
     static_size: tuple[int, int] | str | None = None,
+    overwrite: bool = True,
 ) -> str:
     """Export FastUperNet's inference graph (see the module docstring) to `path`; returns the path.
 
@@ -295,7 +297,13 @@ def export_onnx(
     fixes them to `static_size` (HxW; default 512x512), batch 1.
     `dtype`: export in this float dtype or its name (default: the model's): float32, or float16 with a static
     size (ONNX Runtime's CPU Conv has no bfloat16 or float64 kernel). `opset`: ONNX opset, 18 (default) up to
-    the newest the installed onnx knows."""
+    the newest the installed onnx knows. The file is written under a temporary name and renamed: a failed
+    export leaves an existing `path` as it was; `overwrite=False` refuses to replace one at all."""
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"{target} is a folder; pass the path of the .onnx file to write")
+    if not overwrite and os.path.exists(target):
+        raise ValueError(f"{target} already exists (overwrite=True, CLI: --overwrite, replaces it)")
     require_onnx("onnx", "onnxscript")
     import onnx
 
@@ -372,9 +380,16 @@ def export_onnx(
     labels = {str(k): str(v) for k, v in sorted(model.config.id2label.items())}
     program.model.metadata_props["id2label"] = json.dumps(labels)
     program.model.metadata_props["upernet_fast.num_labels"] = str(model.config.num_labels)
-    path = os.fspath(path)
-    program.save(path)
-    return path
+    folder = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
+    os.close(fd)
+    try:
+        program.save(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
 
 
 def ort_session(path: str | os.PathLike, threads: int = 1) -> Any:
