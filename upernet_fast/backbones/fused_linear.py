@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import cached
+from ..kernels._common import LINEAR_POINTWISE as _LINEAR_POINTWISE
 from ..kernels._common import onednn_blocker as onednn_unusable
 from ..kernels.gemm_bf16x3 import conv1x1_bf16x3, pack_weight
 
-_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 MLP_CHUNK_ROWS = 1024  # CPU MLP row chunk: the 4C hidden stays in cache (bench/results/decisions.md)
 ONEDNN_MAX_NARROW = 192  # oneDNN when min(in_features, out_features) is below this, else MKL (table above)
