@@ -167,6 +167,28 @@ def test_timing_noise_does_not_flip_the_default_choice():
     assert tuning._pick({0: 10.0, 1: 9.0}, default=1) == 1
 
 
+def test_candidates_are_timed_in_turns(monkeypatch):
+    """One warm-up each, then the candidates take turns, so a burst of load from another process falls on
+    one run of one candidate, not on all of its runs: the best run still wins. A candidate far behind after
+    a round drops out of the race."""
+    clock, order, slow_once = [0.0], [], {"a": 1}
+    cost = {"a": 1.0, "b": 2.0, "c": 10.0}  # ms per call
+
+    def fn(name):
+        def call():
+            order.append(name)
+            burst = 50.0 if name == "a" and order.count("a") == 3 and slow_once.pop("a", 0) else 0.0
+            clock[0] += (cost[name] + burst) / 1e3
+
+        return call
+
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+    times = tuning._time_candidates({k: fn(k) for k in "abc"})
+    assert order == ["a", "b", "c", "a", "b", "c", "a", "b", "a", "b"]  # c is out after round 1
+    assert times == pytest.approx({"a": 1.0, "b": 2.0, "c": 10.0})
+    assert tuning._pick(times, default="b") == "a"
+
+
 def test_both_tuned_choices_keep_the_default_within_the_margin(tuning_cache, monkeypatch):
     monkeypatch.setattr(tuning, "measure_conv1x1", lambda *a: {1: 9.8, 0: 10.0})
     assert tuning.gemm_1x1(256, 512, 64, 64, torch.float32, default=False)[0] is False

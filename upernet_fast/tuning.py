@@ -7,7 +7,8 @@ shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6
 input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 or a 1x1 float32 conv and a
 ConvNeXt block MLP as float32 or as bf16x3) is timed once on random
 data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
-reuse the same entry, and one measurement stays under a second), and the winner is kept in a JSON file
+reuse the same entry, and one measurement stays under a second), the candidates taking turns so that load
+from another process does not fall on one of them alone, and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
 such shapes (2-3 s once, then nothing); every later process on the same machine reads the file.
 
@@ -32,7 +33,9 @@ CAP = 128  # largest map side measured
 MIN_MACS = 20e6  # smaller convs (< ~0.2 ms) are not worth timing: their differences are noise
 MARGIN = 0.05  # another candidate replaces the default rule's choice only when at least this much faster
 CANDIDATES = (0, 4, 6)  # direct, F(4x4), F(6x6)
-_VERSION = 5  # 5: bf16x3 1x1 candidates on our AMX GEMM (faster); 4: oneDNN ones on prepacked weights
+# 6: candidates timed in turns (entries timed one after the other could hold another process's load);
+# 5: bf16x3 1x1 candidates on our AMX GEMM (faster); 4: oneDNN ones on prepacked weights
+_VERSION = 6
 
 
 def machine_key() -> dict[str, object]:
@@ -100,28 +103,31 @@ def _save(path: Path, table: dict[str, dict]) -> None:
     )
 
 
-def _time_ms(fn, best_so_far: float = float("inf")) -> float:
-    """ms of ``fn()``: best of 3 runs after a warm-up (first-touch of buffers, oneDNN primitive creation),
-    or of 1 run when it is long (> 50 ms: noise matters less and the calibration stays short), and no
-    timed run at all when the warm-up already took twice the best candidate's time."""
-    start = time.perf_counter()
-    fn()
-    warm = (time.perf_counter() - start) * 1e3
-    if warm > 2 * best_so_far:
-        return warm
-    best = float("inf")
-    for _ in range(1 if warm > 50 else 3):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+ROUNDS = 3  # timed runs per candidate (2 when a run is long: > 50 ms)
+OUT_OF_RACE = 3.0  # a candidate this many times slower than the best after a round is not timed again
 
 
 def _time_candidates(fns: dict[int, object]) -> dict[int, float]:
-    times: dict[int, float] = {}
+    """ms of each candidate ``fn()``: the best of its runs, the candidates taking turns after one warm-up
+    call each (first touch of buffers, oneDNN primitive creation). Taking turns matters: timed one after
+    the other, a burst of load from another process lands on one candidate only, and its choice is cached
+    for good (seen: entries claiming bf16x3 3-8x slower than float32 where it is 2-3x faster). A candidate
+    far behind after a round (``OUT_OF_RACE``) is not timed again, which keeps the calibration short."""
+    warm: dict[int, float] = {}
     for key, fn in fns.items():
-        times[key] = _time_ms(fn, min(times.values(), default=float("inf")))
-    return times
+        start = time.perf_counter()
+        fn()
+        warm[key] = (time.perf_counter() - start) * 1e3
+    best: dict[int, float] = {key: float("inf") for key in fns}
+    racing = list(fns)
+    for _ in range(2 if max(warm.values()) > 50 else ROUNDS):
+        for key in racing:
+            start = time.perf_counter()
+            fns[key]()
+            best[key] = min(best[key], (time.perf_counter() - start) * 1e3)
+        fastest = min(best.values())
+        racing = [key for key in racing if best[key] <= OUT_OF_RACE * fastest]
+    return best
 
 
 def _conv3x3_inputs(c_in: int, c_out: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
