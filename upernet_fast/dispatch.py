@@ -288,6 +288,19 @@ def bf16x3_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int)
     return default, f"default rule: {rule}"
 
 
+def bf16x3_width_choice(ops: Ops, x: torch.Tensor, weight: torch.Tensor, padding: int) -> tuple[int, str]:
+    """(width, why): how many columns a bf16x3 3x3 conv's bfloat16 passes run at (``conv_bf16x3``'s
+    ``width``): the input's own, or, measured on this machine (``tuning.bf16x3_width``), the next multiple
+    of 16 or 32 where oneDNN's kernel at the input's width is slower (1.5x at 128x170 on a Xeon with
+    AMX-BF16). Without tuning, and at multiples of 32 columns: the input's own."""
+    w = x.shape[3]
+    if not ops.tune:
+        return w, "the input's width (tuning off)"
+    if w % 32 == 0:
+        return w, "the input's width (a multiple of 32)"
+    return tuning.bf16x3_width(weight.shape[1], weight.shape[0], x.shape[2], w)
+
+
 def _bf16x3_1x1(tune: bool, c_in: int, c_out: int, b: int, h: int, w: int) -> tuple[bool, str]:
     """(as bf16x3?, why) for a float32 1x1 conv (or Linear over the tokens of a map) once bf16x3 can run:
     measured on this machine (``tuning.bf16x3``) with ``tune``, else the default rule ``BF16X3_1X1_WINS``."""
@@ -564,8 +577,14 @@ class Ops:
             why = f"{why}; {why_split}"
             if split:
                 pair = cached(owner, f"bf16x3_{name}", sources, lambda: bf16x3_weight(weight))
-                self._note(owner, name, x, weight, why, "bf16x3 (split bfloat16 on AMX)")
-                return conv_bf16x3(x, pair, bias, padding, relu)
+                width, why_width = self.choice(
+                    owner, f"{name}:width", x, weight, padding, bf16x3_width_choice
+                )
+                impl = "bf16x3 (split bfloat16 on AMX)"
+                if width != x.shape[3]:
+                    impl, why = f"{impl}, run {width} columns wide", f"{why}; width: {why_width}"
+                self._note(owner, name, x, weight, why, impl)
+                return conv_bf16x3(x, pair, bias, padding, relu, width)
         wino = None
         if tile:
             wino = cached(owner, f"winograd{tile}_{name}", sources, lambda: winograd_weight(weight, tile))

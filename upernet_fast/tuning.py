@@ -221,6 +221,41 @@ def measure_bf16x3(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
         )
 
 
+def bf16x3_widths(w: int) -> list[int]:
+    """The widths a bf16x3 3x3 conv of a ``w``-column map may run at: its own, and the next multiples of
+    16 and 32 (oneDNN's AMX conv kernels block the output columns: at 128x170 its bf16 conv over 1536
+    channels took 216 ms, at 128x176 147 ms, on a Xeon with AMX-BF16)."""
+    return sorted({w, -(-w // 16) * 16, -(-w // 32) * 32})
+
+
+def measure_bf16x3_width(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
+    """ms of one bf16x3 conv3x3 + bias + ReLU (batch 1, channels-last float32, h x w) with its bfloat16
+    passes run at each of ``bf16x3_widths(w)``."""
+    from .kernels.bf16x3 import bf16x3_weight, conv_bf16x3
+
+    x, weight, bias = _conv3x3_inputs(c_in, c_out, h, w)
+    split = bf16x3_weight(weight)
+    with torch.no_grad():
+        return _time_candidates(
+            {
+                width: lambda width=width: conv_bf16x3(x, split, bias, 1, True, width)
+                for width in bf16x3_widths(w)
+            }
+        )
+
+
+def bf16x3_width(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
+    """(width, why): the fastest of ``bf16x3_widths(w)`` for a bf16x3 3x3 conv of this shape on this
+    machine, measured once. Rows are capped at ``CAP``, the width is not (the kernel choice depends on it);
+    too small to time: ``w`` itself."""
+    ch = min(h, CAP)
+    if 9 * c_in * c_out * ch * w < MIN_MACS:
+        return w, "too small to time reliably"
+    name = f"conv3x3-bf16x3-width:{c_in}->{c_out}@{ch}x{w}"
+    entry = _measured(name, lambda: measure_bf16x3_width(c_in, c_out, ch, w), w)
+    return int(entry["choice"]), f"measured on this CPU: {describe(entry, WIDTH_NAMES)}"
+
+
 def measure_bf16x3_1x1(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
     """ms of one 1x1 conv + bias (batch 1, channels-last float32, h x w) in float32 (0: the faster of oneDNN
     and one GEMM, as ``gemm_1x1`` would pick) and as a bf16x3 GEMM (1)."""
@@ -329,12 +364,26 @@ GEMM_NAMES = {0: "oneDNN", 1: "GEMM"}
 BF16X3_NAMES = {0: "float32", 1: "bf16x3"}
 
 
+class _Widths(dict):
+    """Candidate names of the width entries: any positive column count."""
+
+    def __contains__(self, key: object) -> bool:
+        return type(key) is int and key > 0
+
+    def __getitem__(self, key: int) -> str:
+        return f"{key} columns"
+
+
+WIDTH_NAMES = _Widths()
+
+
 NAMES = {
     "conv3x3": TILE_NAMES,
     "conv1x1": GEMM_NAMES,
     "conv3x3-bf16x3": BF16X3_NAMES,
     "conv1x1-bf16x3": BF16X3_NAMES,
     "convnext-mlp-bf16x3": BF16X3_NAMES,
+    "conv3x3-bf16x3-width": WIDTH_NAMES,
 }
 
 

@@ -25,6 +25,7 @@ a conv is decided in ``upernet_fast.dispatch.bf16x3_choice`` (measured on the ma
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 from ._common import CONV_POINTWISE, onednn_blocker, register_ops
@@ -62,34 +63,41 @@ def bf16x3_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w_hi.contiguous(memory_format=cl), torch.cat([w_hi, w_lo, w_hi], 1).contiguous(memory_format=cl)
 
 
-def split_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, [hi, hi, lo]) of a channels-last float32 map, both channels-last bfloat16 (module docstring)."""
+def split_input(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, [hi, hi, lo]) of a channels-last float32 map, both channels-last bfloat16 (module docstring),
+    ``width`` (default: x's) columns wide, the columns beyond x's zero."""
     B, C, H, W = x.shape
+    Wp = W if width is None else width
     cl = torch.channels_last
-    x3 = empty_output((B, 3 * C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
+    x3 = empty_output((B, 3 * C, H, Wp), dtype=torch.bfloat16, device=x.device, memory_format=cl)
     lib = native.library()
     if lib is not None:
-        hi = empty_output((B, C, H, W), dtype=torch.bfloat16, device=x.device, memory_format=cl)
-        lib.bf16x3_split(x.data_ptr(), hi.data_ptr(), x3.data_ptr(), B * H * W, C, torch.get_num_threads())
+        hi = empty_output((B, C, H, Wp), dtype=torch.bfloat16, device=x.device, memory_format=cl)
+        lib.bf16x3_split(x.data_ptr(), hi.data_ptr(), x3.data_ptr(), B * H, W, Wp, C, torch.get_num_threads())
         return hi, x3
-    hi, lo = split_bf16(x)  # channels-last, as x
+    hi, lo = (F.pad(t, (0, Wp - W)) for t in split_bf16(x))  # channels-last, as x
     torch.cat([hi, hi, lo], 1, out=x3)
     return hi, x3
 
 
-def _combine(y_hi: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    B, C, H, W = y_hi.shape
-    y = empty_output((B, C, H, W), dtype=torch.float32, device=y_hi.device, memory_format=torch.channels_last)
+def _combine(
+    y_hi: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, relu: bool, width: int
+) -> torch.Tensor:
+    """relu?(y_hi + r + bias) as float32, the first ``width`` columns."""
+    B, C, H, Wp = y_hi.shape
+    y = empty_output(
+        (B, C, H, width), dtype=torch.float32, device=y_hi.device, memory_format=torch.channels_last
+    )
     cl = torch.channels_last
     lib = native.library()
     if lib is not None and y_hi.is_contiguous(memory_format=cl) and r.is_contiguous(memory_format=cl):
         b = None if bias is None else bias.float().contiguous()
         lib.bf16x3_combine(
             y_hi.data_ptr(), r.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-            B * H * W, C, int(relu), torch.get_num_threads(),
+            B * H, width, Wp, C, int(relu), torch.get_num_threads(),
         )  # fmt: skip
         return y
-    torch.add(y_hi.float(), r.float(), out=y)
+    torch.add(y_hi[..., :width].float(), r[..., :width].float(), out=y)
     if bias is not None:
         y.add_(bias.float().view(1, -1, 1, 1))
     return y.relu_() if relu else y
@@ -118,17 +126,27 @@ def _check(x: torch.Tensor, w_hi: torch.Tensor, w3: torch.Tensor, padding: int) 
 
 
 def conv_bf16x3_torch(
-    x: torch.Tensor, w_hi: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None, padding: int, relu: bool
+    x: torch.Tensor,
+    w_hi: torch.Tensor,
+    w3: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    relu: bool,
+    width: int | None = None,
 ) -> torch.Tensor:
     _check(x, w_hi, w3, padding)
-    hi, x3 = split_input(x)
+    W = x.shape[3]
+    width = W if width is None else width
+    if width < W:
+        raise ValueError(f"conv_bf16x3: width {width} is narrower than the input's {W}")
+    hi, x3 = split_input(x, width)
     p, one = [padding, padding], [1, 1]
     y_hi = CONV_POINTWISE(hi, w_hi, None, p, one, one, 1, "none", [], "")
     r = CONV_POINTWISE.binary(x3, y_hi, w3, None, p, one, one, 1, "sub", None, None, [], None)
-    return _combine(y_hi, r, bias, relu)
+    return _combine(y_hi, r, bias, relu, W)
 
 
-def _fake(x, w_hi, w3, bias, padding, relu):
+def _fake(x, w_hi, w3, bias, padding, relu, width=None):
     shape = (x.shape[0], w_hi.shape[0], *x.shape[2:])  # padding k // 2: same size
     return torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
 
@@ -142,12 +160,16 @@ def conv_bf16x3(
     bias: torch.Tensor | None,
     padding: int,
     relu: bool,
+    width: int | None = None,
 ) -> torch.Tensor:
     """``relu?(conv2d(x, W, bias, padding))`` for a channels-last CPU float32 ``x``, computed as split
-    bfloat16 from ``split_weight = bf16x3_weight(W)`` (module docstring); channels-last float32 output."""
+    bfloat16 from ``split_weight = bf16x3_weight(W)`` (module docstring); channels-last float32 output.
+    ``width``: run the bfloat16 convs on maps this many columns wide (x's width and more), zero beyond x's:
+    the same result (the zeros are what the conv's own padding reads), and at some widths oneDNN picks a
+    much slower kernel than at a slightly larger one (``tuning.bf16x3_width``)."""
     if not (isinstance(split_weight, tuple | list) and len(split_weight) == 2):
         raise ValueError(
             "conv_bf16x3: split_weight must be bf16x3_weight() of a (Cout, Cin, k, k) weight: the pair "
             f"(W_hi, [W_hi, W_lo, W_hi]), got {type(split_weight).__name__}"
         )
-    return CONV_BF16X3["torch"](x, *split_weight, bias, padding, relu)
+    return CONV_BF16X3["torch"](x, *split_weight, bias, padding, relu, width)

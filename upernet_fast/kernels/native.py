@@ -62,9 +62,9 @@ _SIGNATURES: dict[str, tuple] = {
 }
 # x, B, C, sb, sc, sh, sw, h, w, y, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads -> nonzero on failure
 _SIGNATURES["resize_bilinear_planes"] = (_P, _L, _L, _L, _L, _L, _L, _I, _I, _P, _I, _I, *[_P] * 8, _I)
-# x, hi, x3, pixels, C, threads / y_hi, r, bias, y, pixels, C, relu, threads
-_SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I)
-_SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I)
+# x, hi, x3, rows, W, Wp, C, threads / y_hi, r, bias, y, rows, W, Wp, C, relu, threads
+_SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I, _I, _I)
+_SIGNATURES["bf16x3_combine"] = (_P, _P, _P, _P, _L, _I, _I, _I, _I, _I)
 # y, x, rows, C, N, eps, w1, b1, w2, b2, chunk, a1, h, a2, tmp, gemm, threads / x, y, n
 _SIGNATURES["bf16x3_convnext_mlp"] = (_P, _P, _L, _I, _I, ctypes.c_float, *[_P] * 4, _L, *[_P] * 5, _I)
 # a, rows, K, N, w, bias, relu, out, chunk, abuf, gemm, threads
