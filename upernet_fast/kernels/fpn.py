@@ -610,7 +610,8 @@ def upsample_shift_add_sum(
 ) -> torch.Tensor:
     """``relu?(base + sum_g upsample_shift_add(taps[g], base's size))`` in ``base``'s op-math dtype (float32
     for bfloat16/float16/float32): a split bottleneck's direct conv plus all its upsampled groups (and the
-    BN-folded conv's ReLU). On CPU with bfloat16 channels-last taps this is one pass in C
+    BN-folded conv's ReLU). On CPU with channels-last float32/bfloat16 maps this is one pass in C
     (``csrc/usa.c``, ``usa_sum_nhwc``): each output pixel is written once, instead of a widening copy, a
-    read-modify-write of the whole map per group and a ReLU pass."""
+    read-modify-write of the whole map per group and a ReLU pass (bench/results/decisions.md, "Bottleneck
+    tail in one C pass")."""
     return UPSAMPLE_SHIFT_ADD_SUM[backend](base, list(taps), bool(relu))
