@@ -152,6 +152,29 @@ def build_cases(quick: bool, device: str, backend: str) -> list[Case]:
                  note="unfused = 9x (interpolate + shifted add); both accumulate into a preallocated out")
         )  # fmt: skip
 
+    # A split bottleneck's tail (fpn_bottleneck at a 512x512 input): the direct conv's output plus the three
+    # upsampled groups' shift-adds, ReLU; float32 result. Unfused: the base widened, one accumulating
+    # shift-add per group (the op above), ReLU: the head's sequence before the one-pass sum.
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cpu" else [])
+    for dt in dtypes:
+        base = _cl(_rand(1, C, *size, device=device)).to(dt)
+        group_taps = [
+            _cl(F.conv2d(_cl(_rand(1, C, s, s, device=device, seed=s)), wt)).to(dt) for s in levels[1:]
+        ]
+
+        def sequence(base=base, group_taps=group_taps):
+            out = base.to(torch.float32, copy=True)  # float32 base: .float() would be base itself
+            for t in group_taps:
+                ops.upsample_shift_add(t, size, out=out)
+            return out.relu_()
+
+        cases.append(
+            Case("upsample_shift_add_sum", f"{C}ch {'+'.join(map(str, levels[1:]))}->{size[0]} {dt}".replace("torch.", ""),
+                 sequence,
+                 lambda base=base, group_taps=group_taps: ops.upsample_shift_add_sum(base, group_taps, True),
+                 note="unfused = widen + one accumulating shift-add per group + ReLU")
+        )  # fmt: skip
+
     # Final resize of the logits to the input size, and resize + argmax (label map).
     K, S_out = (21, 4 * S) if quick else (150, 4 * S)
     logits = _rand(1, K, S, S, device=device)

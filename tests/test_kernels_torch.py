@@ -263,9 +263,9 @@ def test_upsample_shift_add_is_conv_of_upsample_fp64(src, size, layout) -> None:
 @pytest.mark.parametrize("src,size", USA_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_upsample_shift_add_c_kernel(src, size, dtype) -> None:
-    """csrc/usa.c (what bf16 channels-last taps take; float32 taps reach it only when called directly) on
-    exactly representable inputs: it must match the float64 identity to float32 rounding, fresh and
-    accumulating, whatever the scale (down- and same-size included)."""
+    """csrc/usa.c (what channels-last float32/bf16 taps take) on exactly representable inputs: it must
+    match the float64 identity to float32 rounding, fresh and accumulating, whatever the scale (down- and
+    same-size included)."""
     taps, _, _, _ = taps_and_ref(*src, size, layout="cl")
     taps = cl(taps.to(dtype))  # the values the kernel reads, exactly
     ref = upsample_shift_add(cl(taps.double()), size)
@@ -276,11 +276,9 @@ def test_upsample_shift_add_c_kernel(src, size, dtype) -> None:
     fresh = cl(torch.full(ref.shape, float("nan")))
     fpn._usa_native(taps.unflatten(1, (9, 5)), fresh, accumulate=False)
     assert_close(fresh.double(), ref, 1e-6 * scale, "fresh")
-    if dtype == torch.bfloat16:  # the public op takes the C kernel for these
-        assert fpn._usa_native_possible(taps.unflatten(1, (9, 5)), out)
-        assert_close(
-            upsample_shift_add(taps, size, out=cl(torch.zeros(ref.shape))).double(), ref, 1e-6 * scale, "op"
-        )
+    assert fpn._usa_native_possible(taps.unflatten(1, (9, 5)), out)  # the public op takes the C kernel
+    op = upsample_shift_add(taps, size, out=cl(torch.zeros(ref.shape)))
+    assert_close(op.double(), ref, 1e-6 * scale, "op")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

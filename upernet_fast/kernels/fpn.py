@@ -38,7 +38,8 @@
       * NCHW taps: the same in transpose: height pass first as one ``embedding_bag`` over w-vector rows
         (bag (c, Y, dx) = 6 weighted rows (dy, k)), then the width pass as banded GEMMs into ``out`` seen as
         (C * H, W), per chunk of channels.
-      * bfloat16 channels-last taps into a float32 channels-last ``out``, with the C helpers: ``csrc/usa.c``,
+      * float32/bfloat16 channels-last taps into a float32 channels-last ``out``, with the C helpers (the
+        embedding_bag path above is then the fallback without them): ``csrc/usa.c``,
         the same separable sum per tile of output rows and columns (width pass per low-res row, kept in a
         per-thread cache, then 6 weighted rows per output pixel), reading the bf16 taps directly. The same
         kernel sums a bottleneck's direct conv and all its groups in one pass (``upsample_shift_add_sum``).
@@ -401,12 +402,12 @@ def _shifted_indices(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
 
 
 def _usa_native_possible(taps: torch.Tensor, out: torch.Tensor) -> bool:
-    """Where ``csrc/usa.c`` runs: bfloat16 channels-last CPU taps (the PyTorch path would widen them to
-    float32 first: 1.4x slower at 64 -> 128 px, 512 ch; for float32 taps both measured the same), a
-    channels-last float32 ``out``, C helpers built."""
+    """Where ``csrc/usa.c`` runs: channels-last float32 or bfloat16 CPU taps (the PyTorch path widens bf16
+    taps first), a channels-last float32 ``out``, C helpers built. Xeon, 512 channels into 128x128, float32
+    taps: 13.0 -> 7.5 ms from 64x64, 5.6 -> 2.9 ms from 32x32 (bench/results/decisions.md)."""
     return (
         taps.device.type == "cpu"
-        and taps.dtype == torch.bfloat16
+        and taps.dtype in (torch.float32, torch.bfloat16)
         and out.dtype == torch.float32
         and out.is_contiguous(memory_format=torch.channels_last)
         and native.library() is not None
