@@ -6,8 +6,9 @@ F(4x4) already beat the direct conv for 128 channels at 8x8 (bench/results/). So
 shape is seen, each candidate (3x3: oneDNN's direct conv, Winograd F(4x4), F(6x6); 1x1 on channels-last
 input: oneDNN or one GEMM into a huge-page buffer; on AMX CPUs, a direct 3x3 or a 1x1 float32 conv and a
 ConvNeXt block MLP as float32 or as bf16x3) is timed once on random
-data of that shape, capped at `CAP` pixels a side (per-pixel cost is flat beyond it, so larger inputs
-reuse the same entry, and one measurement stays under a second), the candidates taking turns so that load
+data of that shape, capped at `CAP` pixels a side (per-pixel cost is about flat beyond it, so larger
+inputs reuse the same entry, and one measurement stays under a second; the width of a bf16x3 conv's passes
+is the exception, measured at the real width: `bf16x3_width`), the candidates taking turns so that load
 from another process does not fall on one of them alone, and the winner is kept in a JSON file
 in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
 such shapes (2-3 s once, then nothing); every later process on the same machine reads the file.
