@@ -100,8 +100,11 @@ def test_one_level_model_exports_and_matches(tmp_path):
         )
     ref = make_reference("convnext", out_features=["stage4"], use_auxiliary_head=False)
     (tmp_path / "one.onnx").write_bytes(b"an older file")  # replaced: overwrite=True is the default
-    session = upernet_fast.ort_session(upernet_fast.export_onnx(ref, tmp_path / "one.onnx"), threads=1)
-    assert [p.name for p in tmp_path.iterdir()] == ["one.onnx"]  # no temporary file left behind
+    (tmp_path / "one.onnx").chmod(0o640)
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "one.onnx")  # written through, as open() would
+    session = upernet_fast.ort_session(upernet_fast.export_onnx(ref, tmp_path / "link.onnx"), threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "one.onnx"]  # no temporary file left
+    assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "one.onnx").stat().st_mode & 0o777 == 0o640
     x = torch.randn(2, 3, 64, 97, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = ref(x).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,12 +131,21 @@ def test_resnet_has_no_backbone_choice():
     assert _backbone_notes(model) == []
 
 
-@pytest.mark.parametrize("args", [(torch.zeros(1, 3, 64, 64),), (64.0, 64), (64, 0), (64, 64, True)])
-def test_plan_takes_sizes_not_tensors(args):
-    """`plan(x)` with an input tensor was a raw torch.zeros unpacking error."""
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        ((torch.zeros(1, 3, 64, 64),), TypeError),
+        ((64.0, 64), TypeError),
+        ((64, 0), ValueError),
+        ((64, 64, True), ValueError),
+    ],
+)
+def test_plan_takes_sizes_not_tensors(args, error):
+    """`plan(x)` with an input tensor was a raw torch.zeros unpacking error; integer scalars are sizes."""
     model = upernet_fast.load(make_reference("resnet"), tune=False)
-    with pytest.raises(TypeError, match="must be a positive int"):
+    with pytest.raises(error, match=r"plan: \w+ must be (an|a positive) int"):
         model.plan(*args)
+    assert model.plan(np.int64(64), torch.tensor(64)) == model.plan(64, 64)
 
 
 @pytest.mark.parametrize("built", [True, False])

@@ -210,10 +210,17 @@ def test_malformed_entries_are_dropped_and_measured_again(tuning_cache, capsys):
         "conv1x1:64->64@8x8:float32": "GEMM",
         "conv3x3:64->64@4x4": {"choice": 4},  # no times
         "unknown-kind:1": good,
+        # a width entry may only hold the widths offered for its map (here 170, 176, 192)
+        "conv3x3-bf16x3-width:64->64@128x170": {"choice": 100, "ms": {"170": 2.0, "100": 1.0}},
+        "conv3x3-bf16x3-width:64->64@64x170": {"choice": 176, "ms": {"170": 2.0, "176": 1.0, "192": 1.5}},
+        "conv3x3-bf16x3-width:64->64@32x0": {"choice": 0, "ms": {"0": 1.0}},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": tuning.machine_key(), "entries": entries}))
-    assert tuning._read_table(path) == {"conv3x3:64->64@32x32": good}
+    assert tuning._read_table(path) == {
+        "conv3x3:64->64@32x32": good,
+        "conv3x3-bf16x3-width:64->64@64x170": entries["conv3x3-bf16x3-width:64->64@64x170"],
+    }
     assert "ignoring malformed tuning entries" in capsys.readouterr().err
     path.write_text(json.dumps({"machine": tuning.machine_key(), "entries": [1, 2]}))
     assert tuning._read_table(path) == {}

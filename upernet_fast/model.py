@@ -4,6 +4,7 @@ unless labels are given)."""
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -134,9 +135,15 @@ class FastUperNet(nn.Module):
         (default rule, measured on this CPU, or forced): the frozen plan of that input signature, built by
         one forward pass on zeros if no call has built it yet (tuning, when on, happens then if this
         machine never measured these shapes)."""
-        for name, value in (("height", height), ("width", width), ("batch", batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TypeError(f"plan: {name} must be a positive int, got {value!r}")
+        sizes = {"height": height, "width": width, "batch": batch}
+        for name, value in sizes.items():
+            try:  # ints and integer scalars (numpy, 0-d tensors); not floats, bools or tensors of pixels
+                sizes[name] = operator.index(value)
+            except TypeError:
+                raise TypeError(f"plan: {name} must be an int, got {value!r}") from None
+            if isinstance(value, bool) or sizes[name] < 1:
+                raise ValueError(f"plan: {name} must be a positive int, got {value!r}")
+        height, width, batch = sizes["height"], sizes["width"], sizes["batch"]
         x = torch.zeros(
             batch, self.backbone.num_channels, height, width, dtype=self.dtype, device=self.device
         )

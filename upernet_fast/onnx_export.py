@@ -29,6 +29,7 @@ import copy
 import importlib
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -380,16 +381,27 @@ def export_onnx(
     labels = {str(k): str(v) for k, v in sorted(model.config.id2label.items())}
     program.model.metadata_props["id2label"] = json.dumps(labels)
     program.model.metadata_props["upernet_fast.num_labels"] = str(model.config.num_labels)
-    folder = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
+    real = os.path.realpath(target)  # a symlink at `path` is written through, as a plain open() would
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(real))
     os.close(fd)
     try:
         program.save(tmp)
-        os.replace(tmp, target)
+        os.chmod(tmp, _file_mode(real))  # mkstemp's 0600 would make the model unreadable to others
+        os.replace(tmp, real)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _file_mode(path: str) -> int:
+    """The permission bits a new file at ``path`` gets from ``open()`` (the umask's), or those of the file
+    already there."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def ort_session(path: str | os.PathLike, threads: int = 1) -> Any:

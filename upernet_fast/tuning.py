@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sys
 import time
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -59,10 +61,20 @@ def cache_path() -> Path:
     return native.cache_dir() / f"tuning-{key['isa']}-{key['threads']}t-{digest}.json"
 
 
+def _candidates(name: str) -> Container[int] | None:
+    """The candidate keys an entry ``name`` may hold (None: an unknown kind or a malformed name): the
+    kind's names, or for a width entry the widths ``bf16x3_widths`` offers for its map width."""
+    kind, _, shape = name.partition(":")
+    if kind != "conv3x3-bf16x3-width":
+        return NAMES.get(kind)
+    match = re.fullmatch(r"\d+->\d+@\d+x(\d+)", shape)
+    return set(bf16x3_widths(int(match.group(1)))) if match and int(match.group(1)) > 0 else None
+
+
 def _valid(name: str, entry: object) -> bool:
     """Whether a cached entry has the shape `_measured` writes: a known kind, a choice among its candidates,
     a time per candidate."""
-    names = NAMES.get(name.split(":", 1)[0])
+    names = _candidates(name)
     if names is None or not isinstance(entry, dict):
         return False
     choice, ms = entry.get("choice"), entry.get("ms")

@@ -212,7 +212,7 @@ def native_bf16() -> bool:
 # oneDNN's convolution with fused post-ops (None in builds without it), shared by the ops' 1x1/3x3 convs
 # and the ConvNeXt MLP.
 CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-# ... and its Linear with fused post-ops (the Swin Linears; bfloat16 1x1 convs run as GEMMs)
+# ... and its Linear with fused post-ops (the Swin Linears)
 LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_CONV_WEIGHT = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
 

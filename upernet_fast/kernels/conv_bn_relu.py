@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from ._common import CONV_POINTWISE as _CONV_POINTWISE
-from ._common import LINEAR_POINTWISE as _LINEAR_POINTWISE
 from ._common import check_triton_tensors, onednn_blocker, out_memory_format, register_ops, tl, triton
 from ._memory import MIN_BYTES, empty_output
 from .fpn import topdown_add_torch, topdown_add_triton
@@ -179,27 +178,12 @@ def _relu_post_op_possible(x: torch.Tensor) -> bool:
     )
 
 
-def _fused_linear_possible(x: torch.Tensor) -> bool:
-    """Whether oneDNN's Linear with fused post-ops runs on ``x`` (oneDNN usable for its dtype)."""
-    return _LINEAR_POINTWISE is not None and onednn_blocker(x) is None
-
-
 def _conv1x1_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
     """1x1 conv of channels-last ``x`` as (pixels x Cin) @ (Cin x Cout); channels-last output."""
     b, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    if x.dtype == torch.bfloat16 and (bias is not None or relu) and _fused_linear_possible(x):
-        # ATen's bf16 addmm first copies the bias into the output, and the ReLU is one more pass; oneDNN's
-        # Linear fuses both, bitwise the same (Xeon with AMX: 96->512 at 128² 2.55 -> 1.10 ms). Not for
-        # the taps (no bias or ReLU): there ATen's mm measured as fast or faster.
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)
-        b_ = None if bias is None else bias.to(x.dtype)
-        y = _LINEAR_POINTWISE(
-            rows, weight.to(x.dtype).view(c_out, c_in), b_, "relu" if relu else "none", [], ""
-        )
-        return y.view(b, h, w, c_out).permute(0, 3, 1, 2)
     out = empty_output((b, h, w, c_out), dtype=x.dtype, device=x.device)
     rows, w2d = x.permute(0, 2, 3, 1).reshape(-1, c_in), weight.to(x.dtype).view(c_out, c_in).t()
     if bias is None:

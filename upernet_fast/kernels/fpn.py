@@ -227,6 +227,10 @@ def _check_usa(taps: torch.Tensor, size, out: torch.Tensor | None) -> tuple[int,
         )
     H, W = int(size[0]), int(size[1])
     B, _, C = taps.shape[:3]
+    if min(taps.shape[3:]) < 1 or min(H, W) < 1:  # an empty map has no pixels to resize from or to
+        raise ValueError(
+            f"upsample_shift_add: taps of {tuple(taps.shape[3:])} px to size {(H, W)}: both need at least 1 px"
+        )
     if out is not None and tuple(out.shape) != (B, C, H, W):
         raise ValueError(f"upsample_shift_add: out has shape {tuple(out.shape)}, expected {(B, C, H, W)}")
     return H, W
