@@ -13,7 +13,7 @@ import upernet_fast
 from conftest import make_reference
 from upernet_fast import dispatch
 from upernet_fast.backbones import convnext, fused_linear, swin
-from upernet_fast.kernels import _common, native, resize, winograd
+from upernet_fast.kernels import _common, fpn, native, resize, winograd
 
 ONEDNN = fused_linear.use_onednn(torch.zeros(1))  # CPU float32 with oneDNN: this PyTorch build
 ONEDNN_CONV = ONEDNN and convnext._CONV_POINTWISE is not None
@@ -172,6 +172,24 @@ def test_native_helper_notes_match_the_kernels(monkeypatch, built):
         assert resized[0]["impl"] == "ATen upsample_bilinear2d" and "C helpers" in resized[0]["why"]
     exact = upernet_fast.load(make_reference("convnext"), tune=False, winograd=False).plan(64, 64)
     assert not any(p["part"] == "Winograd tile transforms" for p in exact)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_bottleneck_sum_note_matches_the_kernel(monkeypatch, built):
+    """Each split bottleneck's tail is noted as one C pass exactly when the C kernel runs it."""
+    if built and native.library() is None:
+        pytest.skip("the C helpers do not build here")
+    if not built:
+        monkeypatch.setattr(native, "library", lambda: None)
+    ran: list = []
+    _spy(monkeypatch, fpn, "_usa_sum_native", ran, lambda out, base, taps, relu: tuple(base.shape[2:]))
+    plan = upernet_fast.load(make_reference("convnext"), tune=False).plan(64, 64)
+    notes = {p["layer"]: p for p in plan if "upsampled group(s) + ReLU" in p["part"]}
+    assert set(notes) == {"decode_head.bottleneck", "decode_head.fpn_bottleneck"}
+    c_layers = {layer for layer, p in notes.items() if p["impl"].startswith("one C pass")}
+    shapes = {"decode_head.fpn_bottleneck": (16, 16), "decode_head.bottleneck": (2, 2)}
+    assert c_layers == {layer for layer, shape in shapes.items() if shape in ran}
+    assert bool(c_layers) == built
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ from .kernels import native
 from .kernels._common import env_switch, interpreting, native_bf16, onednn_prepacked, out_memory_format
 from .kernels.bf16x3 import bf16x3_possible, bf16x3_weight, conv_bf16x3
 from .kernels.conv_bn_relu import gemm_by_default, gemm_possible, onednn_weight_useful
+from .kernels.fpn import usa_sum_in_c
 from .kernels.gemm_bf16x3 import amx_gemm_available, conv1x1_bf16x3, gemm_bf16x3_blocker, pack_weight
 from .kernels.winograd import conv3x3_winograd_pair, winograd_native, winograd_weight
 
@@ -422,6 +423,22 @@ def resize_choice(ops: Ops, x: torch.Tensor) -> tuple[str, str]:
     if native.library() is None:
         return aten, _native_unavailable()
     return "C (kernels/csrc/resize.c)", "CPU float32 NCHW input, C helpers built"
+
+
+def usa_sum_choice(ops: Ops, base: torch.Tensor, taps: list[torch.Tensor]) -> tuple[str, str]:
+    """(implementation, why) of ``ops.upsample_shift_add_sum(base, taps)``, for the plan: the kernel's own
+    test (``fpn.usa_sum_in_c``), asked rather than restated."""
+    if ops.backend_of("upsample_shift_add_sum") == "triton":
+        return "Triton shift-adds into a float32 copy of the base, then ReLU", "Triton backend"
+    composed = "PyTorch: base widened, one shift-add per group, ReLU"
+    if native.library() is None:
+        return composed, _native_unavailable()
+    if not usa_sum_in_c(base, taps):
+        return composed, "the C pass takes channels-last CPU float32/bf16 maps"
+    return (
+        "one C pass (kernels/csrc/usa.c): each output pixel written once",
+        "channels-last CPU maps, C helpers built",
+    )
 
 
 def winograd_transforms_choice(device: torch.device | str) -> tuple[str, str]:

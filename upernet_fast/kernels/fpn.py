@@ -585,9 +585,14 @@ def _usa_sum_native(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) ->
     return out
 
 
+def usa_sum_in_c(base: torch.Tensor, taps: list[torch.Tensor]) -> bool:
+    """Whether ``upsample_shift_add_sum_torch`` runs the C pass for these inputs (the plan asks this too)."""
+    return bool(taps) and _usa_sum_native_possible(base, [_as_taps(t) for t in taps])
+
+
 def upsample_shift_add_sum_torch(base: torch.Tensor, taps: list[torch.Tensor], relu: bool) -> torch.Tensor:
     taps = _check_usa_sum(base, taps)
-    if taps and _usa_sum_native_possible(base, taps):
+    if usa_sum_in_c(base, taps):
         return _usa_sum_native(base, taps, relu)
     return _usa_sum_composed(base, taps, relu, "torch")
 
