@@ -170,10 +170,10 @@ class UperNetHead(nn.Module):
             taps.append(ops.conv(module, _taps_name(i, feat), module.sources, feat, wt, None, 0, False))
         # direct conv + every group's shift-add + ReLU, summed in float32 for bf16/fp16 compute (one rounding
         # fewer per group); on CPU one pass writing each output pixel once
-        impl, why = dispatch.usa_sum_choice(ops, out, taps)
-        ops.note(
-            module, f"direct conv + {len(taps)} upsampled group(s) + ReLU @ {size[0]}x{size[1]}", impl, why
-        )
+        if ops.plan is not None and not ops.plan.frozen and not torch.compiler.is_compiling():
+            impl, why = dispatch.usa_sum_choice(ops, out, taps)  # (its CPU checks do not trace)
+            part = f"direct conv + {len(taps)} upsampled group(s) + ReLU @ {size[0]}x{size[1]}"
+            ops.note(module, part, impl, why)
         return ops.upsample_shift_add_sum(out, taps, relu=True)
 
     def psp_forward(self, x: torch.Tensor, ops: dispatch.Ops | None = None) -> torch.Tensor:
