@@ -10,7 +10,7 @@ data of that shape, capped at `CAP` pixels a side (per-pixel cost is about flat 
 inputs reuse the same entry, and one measurement stays under a second; the width of a bf16x3 conv's passes
 is the exception, measured at the real width: `bf16x3_width`), the candidates taking turns so that load
 from another process does not fall on one of them alone, and the winner is kept in a JSON file
-in the cache directory, keyed by CPU model, ISA, thread count and torch version. A typical model has 3-5
+in the cache directory, keyed by CPU model, ISA, thread count and torch version. A model has 5-20
 such shapes (a few seconds once: ~3.5 s for ConvNeXt-T on an AMX Xeon, which has the most candidates;
 then nothing); every later process on the same machine reads the file.
 
