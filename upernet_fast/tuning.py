@@ -26,7 +26,6 @@ import json
 import re
 import sys
 import time
-from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -62,14 +61,16 @@ def cache_path() -> Path:
     return native.cache_dir() / f"tuning-{key['isa']}-{key['threads']}t-{digest}.json"
 
 
-def _candidates(name: str) -> Container[int] | None:
-    """The candidate keys an entry ``name`` may hold (None: an unknown kind or a malformed name): the
-    kind's names, or for a width entry the widths ``bf16x3_widths`` offers for its map width."""
+def _candidates(name: str) -> dict[int, str] | None:
+    """The candidates an entry ``name`` may hold, with their names (None: an unknown kind or a malformed
+    name): the kind's own, or for a width entry the widths ``bf16x3_widths`` offers for its map width."""
     kind, _, shape = name.partition(":")
-    if kind != "conv3x3-bf16x3-width":
+    if kind != WIDTH_KIND:
         return NAMES.get(kind)
     match = re.fullmatch(r"\d+->\d+@\d+x(\d+)", shape)
-    return set(bf16x3_widths(int(match.group(1)))) if match and int(match.group(1)) > 0 else None
+    if not match or int(match.group(1)) < 1:
+        return None
+    return {width: f"{width} columns" for width in bf16x3_widths(int(match.group(1)))}
 
 
 def _valid(name: str, entry: object) -> bool:
@@ -265,9 +266,9 @@ def bf16x3_width(c_in: int, c_out: int, h: int, w: int) -> tuple[int, str]:
     ch = min(h, CAP)
     if 9 * c_in * c_out * ch * w < MIN_MACS:
         return w, "too small to time reliably"
-    name = f"conv3x3-bf16x3-width:{c_in}->{c_out}@{ch}x{w}"
+    name = f"{WIDTH_KIND}:{c_in}->{c_out}@{ch}x{w}"
     entry = _measured(name, lambda: measure_bf16x3_width(c_in, c_out, ch, w), w)
-    return int(entry["choice"]), f"measured on this CPU: {describe(entry, WIDTH_NAMES)}"
+    return int(entry["choice"]), f"measured on this CPU: {describe(entry, _candidates(name))}"
 
 
 def measure_bf16x3_1x1(c_in: int, c_out: int, h: int, w: int) -> dict[int, float]:
@@ -360,7 +361,7 @@ def _measured(name: str, measure, default: int) -> dict:
             _save(path, {**_read_table(path), **table})
         except OSError as e:  # a read-only cache only costs a re-measurement next time
             print(f"upernet_fast: could not save tuning results to {path} ({e})", file=sys.stderr)
-        names = NAMES[name.split(":", 1)[0]]
+        names = _candidates(name)
         print(
             f"upernet_fast: tuned {name} for this CPU in {time.perf_counter() - start:.1f} s (once; cached): "
             f"{describe(entry, names)}",
@@ -378,17 +379,7 @@ GEMM_NAMES = {0: "oneDNN", 1: "GEMM"}
 BF16X3_NAMES = {0: "float32", 1: "bf16x3"}
 
 
-class _Widths(dict):
-    """Candidate names of the width entries: any positive column count."""
-
-    def __contains__(self, key: object) -> bool:
-        return type(key) is int and key > 0
-
-    def __getitem__(self, key: int) -> str:
-        return f"{key} columns"
-
-
-WIDTH_NAMES = _Widths()
+WIDTH_KIND = "conv3x3-bf16x3-width"  # its candidates depend on the entry's width: `_candidates`
 
 
 NAMES = {
@@ -397,7 +388,6 @@ NAMES = {
     "conv3x3-bf16x3": BF16X3_NAMES,
     "conv1x1-bf16x3": BF16X3_NAMES,
     "convnext-mlp-bf16x3": BF16X3_NAMES,
-    "conv3x3-bf16x3-width": WIDTH_NAMES,
 }
 
 
