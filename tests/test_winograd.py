@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from upernet_fast.kernels import native
 from upernet_fast.kernels.winograd import (
+    SPECS,
     _conv3x3_winograd_native,
     _conv3x3_winograd_torch,
     conv3x3_winograd,
@@ -111,11 +112,32 @@ def test_winograd_native_is_the_default_and_thread_count_independent():
     assert torch.equal(out, single)
 
 
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("cout,cin", [(1, 1), (5, 4), (70, 3), (130, 17)])  # 64-channel blocks of the C pass
+def test_winograd_weight_in_c_matches_float64(tile, cout, cin):
+    """The C transform (the default for CPU float32) is U = G g Gᵀ in float64 rounded once: within an ulp
+    of the float64 einsum's value, whatever the summation order; a float64 weight takes the einsum."""
+    if native.library() is None:
+        pytest.fail("the native helpers did not build (see the RuntimeWarning)")
+    w = torch.randn(cout, cin, 3, 3, generator=torch.Generator().manual_seed(cout + cin))
+    u = winograd_weight(w, tile)
+    g = torch.tensor(SPECS[tile].g, dtype=torch.float64)
+    exact = torch.einsum("ak,oikl,bl->abio", g, w.double(), g).reshape(u.shape)
+    assert u.dtype == torch.float32 and u.is_contiguous()
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((u.double() - exact).abs() <= ulp).all()
+    u64 = winograd_weight(w.double(), tile)
+    assert u64.dtype == torch.float64 and torch.equal(u64, exact.contiguous())
+
+
 def test_winograd_weight_and_filter_shape_errors():
     w = torch.randn(5, 4, 3, 3)
     assert winograd_weight(w).shape == (36, 4, 5) and winograd_weight(w, 6).shape == (64, 4, 5)
     with pytest.raises(ValueError, match="tile must be one of"):
         winograd_weight(w, 5)
+    for bad in (torch.randn(5, 4, 5, 5), torch.randn(5, 4, 9)):
+        with pytest.raises(ValueError, match=r"must be \(Cout, Cin, 3, 3\)"):
+            winograd_weight(bad, 6)
     with pytest.raises(ValueError, match="36 or 64"):
         conv3x3_winograd(torch.randn(1, 4, 8, 8), torch.randn(49, 4, 5))
     with pytest.raises(ValueError, match="take 4 input channels, x has 3"):

@@ -3,7 +3,8 @@
 - ``csrc/winograd.c``: the Winograd tile transforms. Gathering input tiles with their zero padding,
   transforming them and scattering the output tiles with bias and ReLU are one pass over memory each in C,
   against five PyTorch passes (pad copy, tile copy, transform GEMM, transform GEMM, strided scatter). The
-  GEMMs between the transforms stay on MKL.
+  GEMMs between the transforms stay on MKL. Also the filters' own transform (``winograd_weight``), made
+  once per model in float64.
 - ``csrc/resize.c``: the separable bilinear resize of the logits (2.5x faster than ATen's per-pixel loop),
   and the bfloat16 top-down add (resize + add in one pass, one rounding).
 - ``csrc/bf16x3.c``: the split and combine passes of the split-bfloat16 float32 conv (``bf16x3.py``).
@@ -61,6 +62,8 @@ _SIGNATURES: dict[str, tuple] = {
     )
 }
 # x, B, C, sb, sc, sh, sw, h, w, y, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads -> nonzero on failure
+# w, Cout, Cin, kron, P2, u, threads
+_SIGNATURES["wino_weight"] = (_P, _L, _L, _P, _I, _P, _I)
 _SIGNATURES["resize_bilinear_planes"] = (_P, _L, _L, _L, _L, _L, _L, _I, _I, _P, _I, _I, *[_P] * 8, _I)
 # x, hi, x3, rows, W, Wp, C, threads / y_hi, r, bias, y, rows, W, Wp, C, relu, threads
 _SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I, _I, _I)
