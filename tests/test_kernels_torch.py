@@ -576,6 +576,23 @@ def test_conv_bn_relu_1x1_gemm_path() -> None:
             assert_rule(y, plain, ref64, f"1x1 GEMM path (bias={bias is not None}, relu={relu})")
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8, 9), (2, 5, 1, 1), (1, 1, 1, 1), (2, 16, 5, 7)])
+@pytest.mark.parametrize("gemm", [True, False, None])
+def test_conv_bn_relu_1x1_strides_match_its_fake(shape, gemm) -> None:
+    """The registered fake (what torch.compile plans with) and the real op agree on the output's strides,
+    also where a tensor is contiguous and channels-last at once (Cin = 1, H = W = 1), which the GEMM path
+    accepts; the values are F.conv2d's."""
+    from upernet_fast.kernels.conv_bn_relu import _fake
+
+    x, w, b = cl(rand(*shape)), rand(6, shape[1], 1, 1, seed=1), rand(6, seed=2)
+    y = conv_bn_relu(x, w, b, 0, True, gemm=gemm)
+    fake = _fake("torch")(x, w, b, 0, True, None, gemm)
+    significant = lambda t: [st for st, n in zip(t.stride(), t.shape, strict=True) if n > 1]  # noqa: E731
+    assert y.shape == fake.shape and significant(y) == significant(fake), (y.stride(), fake.stride())
+    plain, ref64 = F.relu(F.conv2d(x, w, b)), F.relu(F.conv2d(x.double(), w.double(), b.double()))
+    assert_rule(y, plain, ref64, f"1x1 {shape} gemm={gemm}")
+
+
 def _smaps_entry(t: torch.Tensor) -> dict[str, str]:
     """The /proc/self/smaps fields of the mapping holding the middle of ``t``'s storage (the advice splits
     the mapping at the 2 MiB boundaries)."""

@@ -243,7 +243,8 @@ def conv_bn_relu_torch(
     if low is not None:
         x = topdown_add_torch(x, low)
     if gemm_possible(x, weight) and (gemm_by_default(x, weight) if gemm is None else gemm):
-        return _conv1x1_gemm(x, weight, bias, relu)
+        # the layout the fake promises: only an input that is contiguous too (Cin = 1 or H = W = 1) copies
+        return _conv1x1_gemm(x, weight, bias, relu).contiguous(memory_format=out_memory_format(x))
     if (relu or onednn_weight is not None) and _relu_post_op_possible(x):
         bias = None if bias is None else bias.to(x.dtype)
         p, one = [padding, padding], [1, 1]
