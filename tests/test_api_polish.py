@@ -91,3 +91,18 @@ def test_post_process_semantic_segmentation_matches_transformers(target_sizes):
 def test_post_process_rejects_wrong_number_of_sizes():
     with pytest.raises(ValueError, match="2 target sizes for a batch of 1"):
         upernet_fast.post_process_semantic_segmentation(torch.zeros(1, 3, 4, 4), [(4, 4), (5, 5)])
+
+
+def test_parse_size_takes_hxw_text_and_integer_pairs() -> None:
+    import numpy as np
+
+    from upernet_fast.preprocess import parse_size
+
+    assert parse_size("512x683") == parse_size(" 512X683 ") == parse_size((512, 683)) == (512, 683)
+    assert parse_size((np.int64(97), 131)) == (97, 131)
+    for bad in ("512", "512x", "axb", (512.0, 683), (512,), 512, None):
+        with pytest.raises(ValueError, match="expected a size HxW"):
+            parse_size(bad)
+    for bad in ("0x683", (512, -1)):
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            parse_size(bad)

@@ -235,6 +235,28 @@ def test_info_plan_lists_layers_and_reasons(capsys):
         cli.build_parser().parse_args(["info", "--plan-size", "97by131"])
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("97by131", "expected a size HxW"),
+        ("64x", "expected a size HxW"),
+        ("1x2x3", "expected a size HxW"),
+        ("0x64", "sizes must be positive"),
+        ("64x-1", "sizes must be positive"),
+    ],
+)
+@pytest.mark.parametrize(
+    "option", [["info", "--plan-size"], ["export", "src", "--out", "m.onnx", "--static"]]
+)
+def test_sizes_are_refused_by_the_parser(text, message, option, capsys):
+    """--plan-size and --static go through one parser (preprocess.parse_size): a malformed or non-positive
+    size stops the command with status 2 and says what a size looks like, before anything is loaded."""
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args([*option, text])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- nothing lost, nothing wrong
 def _save(path, height, width, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)

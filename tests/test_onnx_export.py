@@ -133,6 +133,9 @@ def test_cli_export_keeps_an_existing_file(tmp_path, capsys):
         ({"dtype": "bfloat16", "dynamic": False}, "no torch.bfloat16 kernel"),
         ({"dtype": torch.float16}, "float16 exports need a static size"),
         ({"dynamic": False, "static_size": "16x64"}, "each side must be at least 32"),
+        ({"dynamic": False, "static_size": "512x"}, "expected a size HxW"),
+        ({"dynamic": False, "static_size": (0, 64)}, "sizes must be positive"),
+        ({"dynamic": False, "static_size": (64.5, 64)}, "expected a size HxW"),
     ],
 )
 def test_export_refuses_what_it_cannot_write(tmp_path, kwargs, message):

@@ -43,6 +43,7 @@ from .outputs_writer import (
     write_png,
 )
 from .outputs_writer import collect_inputs as find_inputs
+from .preprocess import parse_size
 
 RAY_OPTIONS = ("workers", "cpus_per_worker", "address")  # segment options of --engine ray only
 MIN_SIDE = 32  # total stride of every native backbone: smaller inputs cannot be segmented
@@ -491,7 +492,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         _err(f"error: cannot export {args.source}: {exc}")
         return 1
-    shape = "batch x 3 x height x width" if args.static is None else f"1 x 3 x {args.static}"
+    shape = (
+        "batch x 3 x height x width"
+        if args.static is None
+        else f"1 x 3 x {args.static[0]} x {args.static[1]}"
+    )
     print(f"wrote {path} (input pixel_values: {shape}; output logits at the input size)")
     return 0
 
@@ -558,12 +563,9 @@ def _fast_path_kwargs(args: argparse.Namespace) -> dict:
 
 def _size(text: str) -> tuple[int, int]:
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x683, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return h, w
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -661,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="ONNX file of the model's fast graph (dynamic batch and size)")
     export.add_argument("source", help="HF-format directory or hub id (anything upernet_fast.load takes)")
     export.add_argument("--out", required=True, help="output .onnx file")
-    export.add_argument("--static", default=None, metavar="HxW", help="fixed input size (batch 1) instead")
+    export.add_argument(
+        "--static", type=_size, default=None, metavar="HxW", help="fixed input size (batch 1) instead"
+    )
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     export.add_argument("--overwrite", action="store_true", help="replace a file already at --out")
     export.set_defaults(func=cmd_export)

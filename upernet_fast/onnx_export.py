@@ -42,6 +42,7 @@ from .checkpoint import parse_dtype
 from .folding import fold_batchnorm
 from .model import FastUperNet
 from .onnx_swin import swin_feature_maps
+from .preprocess import parse_size
 
 __all__ = ["ExportGraph", "export_onnx", "ort_session", "require_onnx"]
 
@@ -258,16 +259,6 @@ def _as_fast_model(model_or_source: Any) -> FastUperNet:
     return load(model_or_source)
 
 
-def _parse_static(static: tuple[int, int] | str | None) -> tuple[int, int] | None:
-    if static is None or isinstance(static, tuple):
-        return static
-    try:
-        h, w = (int(v) for v in str(static).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"static size must be HxW (e.g. 512x512), got {static!r}") from None
-    return h, w
-
-
 def _name_dims(model: Any, names: dict[int, str]) -> None:
     """Readable names for the dynamic input/output dims (the tracer calls them s0, s1, ...)."""
     import onnx_ir as ir
@@ -330,7 +321,7 @@ def export_onnx(
     model = _as_fast_model(model_or_source)
     if dtype is not None or model.device.type != "cpu":  # traced on CPU; the caller's model is left alone
         model = copy.deepcopy(model).to(device="cpu", dtype=dtype)
-    static = _parse_static(static_size)
+    static = None if static_size is None else parse_size(static_size)
     if dynamic and static is not None:
         raise ValueError("static_size fixes the input size: pass dynamic=False with it")
     graph = ExportGraph(model).eval()

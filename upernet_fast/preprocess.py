@@ -16,6 +16,7 @@ transformers' `load_image` does), so a phone photo's label map has the size the 
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -127,6 +128,21 @@ def _load_any(source: ImageInput) -> Image.Image:
             im.load()  # decode now: truncated files fail here, with the file still named by the caller
             return to_rgb(upright(im, in_place=True))
     raise TypeError(f"unsupported image type {type(source).__name__}")
+
+
+def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from ``"HxW"`` (e.g. ``"512x683"``, any case) or a pair of integers; ValueError
+    unless both are positive integers. The one parser of sizes the CLI and the ONNX export take."""
+    try:
+        if isinstance(size, str):
+            h, w = (int(v) for v in size.strip().lower().split("x"))
+        else:
+            h, w = (operator.index(v) for v in size)  # ints, numpy integers; not floats
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a size HxW, e.g. 512x683, got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"sizes must be positive, got {size!r}")
+    return h, w
 
 
 def keep_ratio_size(
