@@ -8,8 +8,9 @@ counter, so `load_state_dict`, `.to()`, `.half()` and in-place edits all invalid
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -74,6 +75,49 @@ def clear_cached(module: torch.nn.Module) -> None:
             m._cache = {}
 
 
+# Full-precision originals of tensors that a cast to a less precise dtype replaced (a float32 checkpoint
+# loaded as bfloat16: `FastUperNet._apply`), by id of the cast tensor: (weak ref to it, its data pointer and
+# version at the cast, the original). The folds read their sources through `precise`, so a bf16 model's
+# folded weights are rounded once from the checkpoint's values, not again from its rounded parameters:
+# folding the head's BatchNorm from bf16-rounded statistics cost ConvNeXt-T 0.1-0.4% argmax agreement
+# with float32 (bench/results/decisions.md, "bf16 folds from the float32 originals").
+_PRECISE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+_MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def more_precise(original: torch.dtype, cast: torch.dtype) -> bool:
+    """Whether a cast from ``original`` to ``cast`` loses mantissa bits (float64 -> float32 -> fp16/bf16)."""
+    return _MANTISSA_BITS.get(original, 0) > _MANTISSA_BITS.get(cast, 99)
+
+
+def remember_precise(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    """Record each (cast tensor, its more precise original) for ``precise``; returns the keys to
+    ``forget_precise`` with. An entry also goes when its cast tensor is freed."""
+    keys = []
+    for cast, original in pairs:
+        key = id(cast)
+        _PRECISE[key] = (weakref.ref(cast), cast.data_ptr(), version(cast), original.detach())
+        weakref.finalize(cast, _PRECISE.pop, key, None)
+        keys.append(key)
+    return keys
+
+
+def forget_precise(keys: Iterable[int]) -> None:
+    for key in keys:
+        _PRECISE.pop(key, None)
+
+
+def precise(t: T) -> T:
+    """``t``'s full-precision original while ``t`` is unchanged since the cast that made it (same storage,
+    no in-place edit), else ``t`` itself (also while tracing: a compiled graph folds the parameters)."""
+    if not _PRECISE or not isinstance(t, torch.Tensor) or torch.compiler.is_compiling():
+        return t
+    entry = _PRECISE.get(id(t))
+    if entry is None or entry[0]() is not t or entry[1] != t.data_ptr() or entry[2] != version(t):
+        return t
+    return entry[3]
+
+
 def fold_batchnorm_tensors(
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
@@ -87,6 +131,9 @@ def fold_batchnorm_tensors(
     """conv → BN(eval) as one conv: W' = W·γ/σ, b' = (b − μ)·γ/σ + β with σ = sqrt(var + eps), computed in
     float64 and cast to `dtype` (default: the conv weight's) with one rounding."""
     dtype = dtype or conv_weight.dtype
+    conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var = (
+        precise(t) for t in (conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    )
     w = conv_weight.detach().double()
     scale = bn_weight.detach().double() / torch.sqrt(running_var.detach().double() + eps)
     bias = conv_bias.detach().double() if conv_bias is not None else torch.zeros_like(scale)

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import dispatch
 from .config import AUXILIARY_LEVEL, UperNetConfig
-from .folding import cached, fold_batchnorm
+from .folding import cached, fold_batchnorm, precise
 from .kernels.conv_bn_relu import conv1x1_nchw_possible, conv1x1_to_nchw
 
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
@@ -197,7 +197,10 @@ class UperNetHead(nn.Module):
             w, b, x = c.weight, c.bias, fused.to(c.weight.dtype)
         else:
             w, b = cached(
-                self, "classifier_fp32", [c.weight, c.bias], lambda: (c.weight.float(), c.bias.float())
+                self,
+                "classifier_fp32",
+                [c.weight, c.bias],
+                lambda: (precise(c.weight).float(), precise(c.bias).float()),
             )
             x = fused.float()
         direct = conv1x1_nchw_possible(x, w)

@@ -4,6 +4,7 @@ unless labels are given)."""
 
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, dispatch
+from . import checkpoint, dispatch, folding
 from .backbones import BackboneOutput, build_backbone
 from .config import UperNetConfig
 from .folding import clear_cached
@@ -55,6 +56,7 @@ class FastUperNet(nn.Module):
         self.tune = dispatch.tune_default() if tune is None else bool(tune)
         self.bf16x3 = dispatch.bf16x3_default() if bf16x3 is None else bool(bf16x3)
         self._plans: dict[tuple, dispatch.Plan] = {}  # per input signature, see `plan`
+        self._precise_keys: list[int] = []  # see `_apply`
         self.eval()
 
     # ------------------------------------------------------------------ construction and IO
@@ -94,10 +96,35 @@ class FastUperNet(nn.Module):
 
     def __getstate__(self) -> dict:
         """For `copy.deepcopy` and pickling (`torch.save(model)`): the derived weights are dropped first (oneDNN's
-        prepacked ones cannot be copied or pickled; all are rebuilt on next use), and the plans with them."""
+        prepacked ones cannot be copied or pickled; all are rebuilt on next use), and the plans with them. A
+        copy does not share the originals kept for the folds (`_apply`): it folds its own parameters."""
         self.clear_cached_weights()
         self._plans.clear()
-        return super().__getstate__()
+        return {**super().__getstate__(), "_precise_keys": []}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FastUperNet:
+        """`nn.Module._apply` (behind `.to()`, `.bfloat16()`, ...). Where it lowers a tensor's precision (a
+        float32 checkpoint loaded or cast as bfloat16), the original is kept for the folds
+        (`folding.precise`: BatchNorm and LayerNorm folds rounded once, from the checkpoint's values) until
+        the next eager forward pass has built them."""
+        named = lambda: dict(itertools.chain(self.named_parameters(), self.named_buffers()))  # noqa: E731
+        before = {name: t.detach() for name, t in named().items()}  # the old data, also of a Parameter
+        result = super()._apply(fn, recurse)
+        pairs = [
+            (t, before[name])
+            for name, t in named().items()
+            if name in before
+            and before[name].device == t.device
+            and folding.more_precise(before[name].dtype, t.dtype)
+        ]
+        self._forget_originals()
+        self._precise_keys = folding.remember_precise(pairs)
+        return result
+
+    def _forget_originals(self) -> None:
+        """Drop the originals `_apply` kept (the folds are built, or the cast lost nothing)."""
+        folding.forget_precise(getattr(self, "_precise_keys", []))
+        self._precise_keys = []
 
     def clear_cached_weights(self) -> None:
         """Forget the weights derived from the parameters (BatchNorm folds, Winograd and packed forms; rebuilt
@@ -268,6 +295,8 @@ class FastUperNet(nn.Module):
         if ops.plan is not None:
             self._note_native_helpers(ops, fused, logits)
             ops.plan.frozen = True  # later calls with this signature replay its decisions
+        if self._precise_keys and not torch.compiler.is_compiling():  # this pass built the folds
+            self._forget_originals()
 
         if not return_dict:
             # transformers slices the backbone output tuple (None fields dropped) the same way.
@@ -428,4 +457,6 @@ def load(
         dtype = None
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+        if stored is None or not folding.more_precise(stored, model.dtype):
+            model._forget_originals()  # built in float32 from a checkpoint that held no more than this
     return model.eval()

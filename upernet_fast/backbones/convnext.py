@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import linear_bf16x3_choice, mlp_bf16x3_decided, note_mlp_bf16x3
-from ..folding import cached
+from ..folding import cached, precise
 from ..kernels._common import CONV_POINTWISE as _CONV_POINTWISE
 from ..kernels._common import onednn_prepacked
 from ..kernels.gemm_bf16x3 import conv1x1_bf16x3, mlp_bf16x3_, pack_weight
@@ -96,11 +96,14 @@ class ConvNextLayer(nn.Module):
 
         def build() -> tuple[LinearWeights, LinearWeights]:
             dtype = fc1.weight.dtype
-            w1 = fc1.weight.double() * ln.weight.double()  # LN scale → columns of fc1
-            b1 = fc1.bias.double() + fc1.weight.double() @ ln.bias.double()
-            w2, b2 = fc2.weight.double(), fc2.bias.double()
+            ln_w, ln_b, w1, b1, w2, b2 = (
+                precise(t).double() for t in (ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            )
+            b1 = b1 + w1 @ ln_b
+            w1 = w1 * ln_w  # LN scale → columns of fc1
             if gamma is not None:  # layer scale → rows of fc2
-                w2, b2 = w2 * gamma.double()[:, None], b2 * gamma.double()
+                scale = precise(gamma).double()
+                w2, b2 = w2 * scale[:, None], b2 * scale
             w1, b1, w2, b2 = (t.to(dtype).contiguous() for t in (w1, b1, w2, b2))
             return LinearWeights(w1, b1), LinearWeights(w2, b2)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import linear_bf16x3_choice, mlp_bf16x3_decided, note_mlp_bf16x3
-from ..folding import cached, version
+from ..folding import cached, precise, version
 from ..kernels.gemm_bf16x3 import mlp_bf16x3_, pack_weight
 from .base import Backbone, BackboneOutput, eager_inference
 from .fused_linear import FUSED_ACT, LinearWeights, linear, linear_plan, mlp_rows_, normalize, plain_weights
@@ -175,23 +175,29 @@ def _window_chunks(
 
 
 def _fold_ln_into_linear(
-    ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
+    ln: nn.LayerNorm,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear(LN(x)) = Linear'(LN₀(x)) with LN₀ affine-free: W' = s·W·diag(γ), b' = s·(W·β + b) (float64).
-    `scale` (per output row) multiplies both."""
-    w = weight.detach().double()
+    """Linear(LN(x)) = Linear'(LN₀(x)) with LN₀ affine-free: W' = s·W·diag(γ), b' = s·(W·β + b) (float64,
+    from the parameters' full-precision originals where a cast kept them: `folding.precise`), in `dtype`
+    (default the weight's). `scale` (per output row) multiplies both."""
+    dtype = dtype or weight.dtype
+    w = precise(weight).detach().double()
     b = (
         torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         if bias is None
-        else bias.detach().double()
+        else precise(bias).detach().double()
     )
     if ln.bias is not None:
-        b = b + w @ ln.bias.detach().double()
+        b = b + w @ precise(ln.bias).detach().double()
     if ln.weight is not None:
-        w = w * ln.weight.detach().double()
+        w = w * precise(ln.weight).detach().double()
     if scale is not None:
         w, b = w * scale[:, None], b * scale
-    return w.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+    return w.to(dtype).contiguous(), b.to(dtype).contiguous()
 
 
 class SwinPatchEmbeddings(nn.Module):
@@ -351,12 +357,12 @@ class SwinLayer(nn.Module):
         sources = [p.weight for p in parts] + [p.bias for p in parts] + [ln.weight, ln.bias]
 
         def build():
-            w = torch.cat([p.weight for p in parts])
-            b = None if s.query.bias is None else torch.cat([p.bias for p in parts])
+            w = torch.cat([precise(p.weight) for p in parts])
+            b = None if s.query.bias is None else torch.cat([precise(p.bias) for p in parts])
             dim = w.shape[1]
             scale = torch.ones(w.shape[0], dtype=torch.float64, device=w.device)
             scale[:dim] = (dim // self.num_heads) ** -0.5
-            wf, bf = _fold_ln_into_linear(ln, w, b, scale)
+            wf, bf = _fold_ln_into_linear(ln, w, b, scale, s.query.weight.dtype)
             pad = torch.zeros_like(bf) if b is None else (b.double() * scale).to(bf.dtype)
             return LinearWeights(wf, bf), pad
 
