@@ -160,7 +160,11 @@ def test_bf16_folds_round_once_from_the_float32_checkpoint():
     from upernet_fast import folding
 
     ref = make_reference("convnext", hidden_size=64, num_labels=19)
-    for fast in (upernet_fast.load(ref, dtype=torch.bfloat16), upernet_fast.load(ref).bfloat16()):
+    casts = (
+        upernet_fast.load(ref, dtype=torch.bfloat16),
+        upernet_fast.load(ref).bfloat16().to("cpu"),  # a later no-op move keeps the originals
+    )
+    for fast in casts:
         kept = list(fast._precise_keys)
         assert kept and all(k in folding._PRECISE for k in kept)
         assert copy.deepcopy(fast)._precise_keys == [] and fast._precise_keys == kept
@@ -188,4 +192,13 @@ def test_bf16_folds_see_edits_made_after_the_cast():
         fast(torch.randn(1, 3, 64, 64).bfloat16())
     ours = fast.decode_head.fpn_bottleneck.folded()
     expected = _fold32(ref.decode_head.fpn_bottleneck, torch.bfloat16, running_mean=mean)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+
+
+def test_float16_after_bfloat16_still_folds_the_float32_values():
+    """Casts chain: bf16 then float16 (more mantissa bits than bf16) folds from the float32 originals."""
+    ref = make_reference("convnext", hidden_size=64, num_labels=19)
+    fast = upernet_fast.load(ref, dtype=torch.bfloat16).to(torch.float16)
+    ours = fast.decode_head.fpn_bottleneck.folded()
+    expected = _fold32(ref.decode_head.fpn_bottleneck, torch.float16)
     assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))

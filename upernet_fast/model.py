@@ -108,7 +108,8 @@ class FastUperNet(nn.Module):
         (`folding.precise`: BatchNorm and LayerNorm folds rounded once, from the checkpoint's values) until
         the next eager forward pass has built them."""
         named = lambda: dict(itertools.chain(self.named_parameters(), self.named_buffers()))  # noqa: E731
-        before = {name: t.detach() for name, t in named().items()}  # the old data, also of a Parameter
+        # the old data (also of a Parameter, whose .data the cast replaces), or its own kept original
+        before = {name: folding.precise(t).detach() for name, t in named().items()}
         result = super()._apply(fn, recurse)
         pairs = [
             (t, before[name])
