@@ -154,7 +154,7 @@ def _fold32(module, dtype, running_mean=None):
 
 def test_bf16_folds_round_once_from_the_float32_checkpoint():
     """A float32 model cast to bf16 (`load(..., dtype=torch.bfloat16)`, `.bfloat16()`) folds its BatchNorms
-    from the float32 values, rounding once, not again from its own rounded parameters (0.1-0.4% more
+    from the float32 values, rounding once, not again from its own rounded parameters (0.1-0.5% more
     argmax agreement on ConvNeXt-T, bench/results/decisions.md); the float32 originals are dropped once a
     forward pass has built the folds, and a copy of the model folds its own parameters."""
     from upernet_fast import folding

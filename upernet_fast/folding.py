@@ -79,7 +79,7 @@ def clear_cached(module: torch.nn.Module) -> None:
 # loaded as bfloat16: `FastUperNet._apply`), by id of the cast tensor: (weak ref to it, its data pointer and
 # version at the cast, the original). The folds read their sources through `precise`, so a bf16 model's
 # folded weights are rounded once from the checkpoint's values, not again from its rounded parameters:
-# folding the head's BatchNorm from bf16-rounded statistics cost ConvNeXt-T 0.1-0.4% argmax agreement
+# folding the rounded parameters instead cost ConvNeXt-T 0.1-0.5% argmax agreement
 # with float32 (bench/results/decisions.md, "bf16 folds from the float32 originals").
 _PRECISE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
 _MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
