@@ -155,11 +155,15 @@ def _fold32(module, dtype, running_mean=None):
 def test_bf16_folds_round_once_from_the_float32_checkpoint():
     """A float32 model cast to bf16 (`load(..., dtype=torch.bfloat16)`, `.bfloat16()`) folds its BatchNorms
     from the float32 values, rounding once, not again from its own rounded parameters (0.1-0.5% more
-    argmax agreement on ConvNeXt-T, bench/results/decisions.md); the float32 originals are dropped once a
-    forward pass has built the folds, and a copy of the model folds its own parameters."""
+    argmax agreement on ConvNeXt-T, bench/results/decisions.md). The float32 originals stay while the
+    parameters are unchanged, so the model computes the same after its folds are rebuilt (a deepcopy or
+    torch.save clears them) and a copy or a reloaded model computes the same too."""
+    import io
+
     from upernet_fast import folding
 
     ref = make_reference("convnext", hidden_size=64, num_labels=19)
+    x = torch.randn(1, 3, 64, 96).bfloat16()
     casts = (
         upernet_fast.load(ref, dtype=torch.bfloat16),
         upernet_fast.load(ref).bfloat16().to("cpu"),  # a later no-op move keeps the originals
@@ -167,10 +171,19 @@ def test_bf16_folds_round_once_from_the_float32_checkpoint():
     for fast in casts:
         kept = list(fast._precise_keys)
         assert kept and all(k in folding._PRECISE for k in kept)
-        assert copy.deepcopy(fast)._precise_keys == [] and fast._precise_keys == kept
         with torch.no_grad():
-            fast(torch.randn(1, 3, 64, 96).bfloat16())
-        assert fast._precise_keys == [] and not any(k in folding._PRECISE for k in kept)
+            first = fast(x).logits
+            copied = copy.deepcopy(fast)  # clears fast's folds, as torch.save does
+            buffer = io.BytesIO()
+            torch.save(fast, buffer)
+            buffer.seek(0)
+            reloaded = torch.load(buffer, weights_only=False)
+            again = fast(x).logits  # folds rebuilt
+        assert fast._precise_keys == kept and copied._precise_keys and reloaded._precise_keys
+        for other in (copied, reloaded):
+            with torch.no_grad():
+                assert torch.equal(other(x).logits, first)
+        assert torch.equal(again, first)
         for name in ("fpn_bottleneck", "lateral_convs.0", "fpn_convs.1"):
             ours = fast.decode_head.get_submodule(name).folded()
             expected = _fold32(ref.decode_head.get_submodule(name), torch.bfloat16)
@@ -180,19 +193,48 @@ def test_bf16_folds_round_once_from_the_float32_checkpoint():
         cls = fast.decode_head._folded_classifier_fp32[1]  # the float32 classifier of the bf16 head
         assert torch.equal(cls[0], ref.decode_head.classifier.weight)
         assert torch.equal(cls[1], ref.decode_head.classifier.bias)
+        fast.clear_cached_weights()  # "the parameters are the truth now": the originals go
+        assert fast._precise_keys == [] and not any(k in folding._PRECISE for k in kept)
 
 
-def test_bf16_folds_see_edits_made_after_the_cast():
-    """A parameter edited in place after the cast is folded as edited (its original no longer applies)."""
+@pytest.mark.parametrize(
+    "how", ["in place", ".data + clear_cached_weights", "load_state_dict in inference mode"]
+)
+def test_bf16_folds_see_edits_made_after_the_cast(how):
+    """A parameter changed after the cast is folded as changed: its original no longer applies. In-place
+    edits bump the version counter; `.data` edits do not, and `clear_cached_weights()` (the documented
+    step after them) drops the originals; a model made in inference mode keeps none (no version counter)."""
     ref = make_reference("convnext", hidden_size=64, num_labels=19)
-    fast = upernet_fast.load(ref, dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 64, 64).bfloat16()
+    if how == "load_state_dict in inference mode":
+        with torch.inference_mode():
+            fast = upernet_fast.load(ref, dtype=torch.bfloat16)
+            assert fast._precise_keys == []
+            state = {k: v.clone() for k, v in fast.state_dict().items()}
+            state["decode_head.fpn_bottleneck.batch_norm.running_mean"] += 0.5
+            fast(x)
+            fast.load_state_dict(state)
+            fast(x)
+    else:
+        fast = upernet_fast.load(ref, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fast(x)
+            bn = fast.decode_head.fpn_bottleneck.batch_norm
+            if how == "in place":
+                bn.running_mean.add_(0.5)
+            else:
+                bn.running_mean.data.add_(0.5)
+                fast.clear_cached_weights()
+            fast(x)
     mean = fast.decode_head.fpn_bottleneck.batch_norm.running_mean
-    with torch.no_grad():
-        mean.add_(0.5)
-        fast(torch.randn(1, 3, 64, 64).bfloat16())
-    ours = fast.decode_head.fpn_bottleneck.folded()
-    expected = _fold32(ref.decode_head.fpn_bottleneck, torch.bfloat16, running_mean=mean)
+    module = fast.decode_head.fpn_bottleneck
+    ours = module.folded()
+    if how == "in place":  # the other sources still fold from their float32 originals
+        expected = _fold32(ref.decode_head.fpn_bottleneck, torch.bfloat16, running_mean=mean)
+    else:  # the model's own bf16 parameters are the truth
+        expected = _fold32(module, torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+    assert not torch.equal(ours[1], _fold32(ref.decode_head.fpn_bottleneck, torch.bfloat16)[1])
 
 
 def test_float16_after_bfloat16_still_folds_the_float32_values():

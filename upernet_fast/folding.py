@@ -80,7 +80,8 @@ def clear_cached(module: torch.nn.Module) -> None:
 # version at the cast, the original). The folds read their sources through `precise`, so a bf16 model's
 # folded weights are rounded once from the checkpoint's values, not again from its rounded parameters:
 # folding the rounded parameters instead cost ConvNeXt-T 0.1-0.5% argmax agreement
-# with float32 (bench/results/decisions.md, "bf16 folds from the float32 originals").
+# with float32 (bench/results/decisions.md, "bf16 folds from the float32 originals"). Kept while the cast
+# tensor is unchanged, so the folds come out the same whenever they are rebuilt.
 _PRECISE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
 _MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
@@ -92,14 +93,28 @@ def more_precise(original: torch.dtype, cast: torch.dtype) -> bool:
 
 def remember_precise(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     """Record each (cast tensor, its more precise original) for ``precise``; returns the keys to
-    ``forget_precise`` with. An entry also goes when its cast tensor is freed."""
+    ``forget_precise`` with. An entry also goes when its cast tensor is freed. Not for inference tensors
+    (made under ``torch.inference_mode()``): they have no version counter, so an edit could not be seen."""
     keys = []
     for cast, original in pairs:
+        if cast.is_inference():
+            continue
         key = id(cast)
         _PRECISE[key] = (weakref.ref(cast), cast.data_ptr(), version(cast), original.detach())
         weakref.finalize(cast, _PRECISE.pop, key, None)
         keys.append(key)
     return keys
+
+
+def originals(keys: Iterable[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cast tensor, original) of each still valid entry among ``keys``."""
+    pairs = []
+    for key in keys:
+        entry = _PRECISE.get(key)
+        t = None if entry is None else entry[0]()
+        if t is not None and precise(t) is entry[3]:
+            pairs.append((t, entry[3]))
+    return pairs
 
 
 def forget_precise(keys: Iterable[int]) -> None:
