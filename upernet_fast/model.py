@@ -22,8 +22,6 @@ from .kernels import _memory
 from .outputs import SemanticSegmenterOutput
 
 MAX_PLANS = 64  # input signatures whose plans are kept (least recently used dropped)
-
-
 _HALF = (torch.bfloat16, torch.float16)  # casts whose full-precision originals `_apply` keeps for the folds
 
 
