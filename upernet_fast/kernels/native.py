@@ -61,9 +61,9 @@ _SIGNATURES: dict[str, tuple] = {
         ("output", (_P, _L, _I, _I, _I, _I, _I, _P, _I, _P, _L, _L, _L, _I, _I)),
     )
 }
-# x, B, C, sb, sc, sh, sw, h, w, y, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads -> nonzero on failure
 # w, Cout, Cin, kron, P2, u, threads
 _SIGNATURES["wino_weight"] = (_P, _L, _L, _P, _I, _P, _I)
+# x, B, C, sb, sc, sh, sw, h, w, y, H, W, i0, i1, l0h, l1h, j0, j1, l0w, l1w, threads -> nonzero on failure
 _SIGNATURES["resize_bilinear_planes"] = (_P, _L, _L, _L, _L, _L, _L, _I, _I, _P, _I, _I, *[_P] * 8, _I)
 # x, hi, x3, rows, W, Wp, C, threads / y_hi, r, bias, y, rows, W, Wp, C, relu, threads
 _SIGNATURES["bf16x3_split"] = (_P, _P, _P, _L, _I, _I, _I, _I)
