@@ -53,20 +53,30 @@ def test_one_and_two_level_backbones(kind, stages):
 
 @pytest.mark.parametrize("kind", ["convnext", "swin"])
 def test_loaded_inside_inference_mode(kind, tmp_path):
-    """A model loaded (and cast) inside torch.inference_mode() has inference-tensor parameters, which have
-    no version counter: the folded-weight cache must still work, inside inference mode and after it."""
+    """`load` inside torch.inference_mode() still makes normal tensors (a cast keeps its float32 originals for
+    the folds: inference tensors have no version counter), usable after it. A model built there by hand
+    has inference-tensor parameters: the folded-weight cache must work for those too, and casting them
+    (inside inference mode, where `_apply` makes normal tensors) must not fail."""
     ref = make_reference(kind)
     ref.save_pretrained(tmp_path)
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    outside = upernet_fast.load(ref, dtype=torch.bfloat16)
     with torch.inference_mode():
         expected = ref(x).logits
         from_dir, from_module = upernet_fast.load(tmp_path), upernet_fast.load(ref)
-        assert next(from_dir.parameters()).is_inference()
+        assert not any(p.is_inference() for p in from_dir.parameters())
         compare_logits(expected, from_dir(x).logits, REL_TOL)
-        cast = upernet_fast.load(ref).to(torch.bfloat16)
-        assert torch.isfinite(cast(x.bfloat16()).logits).all()
+        cast = upernet_fast.load(ref, dtype=torch.bfloat16)
+        assert cast._precise_keys
+        assert torch.equal(cast(x.bfloat16()).logits, outside(x.bfloat16()).logits)
+        by_hand = upernet_fast.FastUperNet.from_config(ref.config).eval()
+        by_hand.load_state_dict(ref.state_dict())
+        assert next(by_hand.parameters()).is_inference()
+        compare_logits(expected, by_hand(x).logits, REL_TOL)
+        assert torch.isfinite(by_hand.bfloat16()(x.bfloat16()).logits).all()
     with torch.no_grad():
         compare_logits(expected, from_module(x).logits, REL_TOL)
+        compare_logits(expected, from_dir(x).logits, REL_TOL)
 
 
 @pytest.mark.parametrize("kind", BACKBONES)

@@ -20,9 +20,15 @@ T = TypeVar("T")
 
 def version(t: torch.Tensor) -> int:
     """`t`'s in-place version counter; -1 for an inference tensor (made under `torch.inference_mode()`, e.g. a
-    model loaded there), which has none. Such a tensor can only be edited in place inside inference mode,
-    where nothing can see it: the one change this cache then misses (`load_state_dict` replaces it)."""
-    return -1 if t.is_inference() else t._version
+    model built there by hand; `load` makes normal tensors), which has none. Such a tensor can only be
+    edited in place inside inference mode, where nothing can see it: the one change this cache then misses
+    (`load_state_dict` replaces it)."""
+    if t.is_inference():
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # a Parameter made in inference mode whose .data a cast outside it replaced
+        return -1
 
 
 def _key(sources: Sequence[torch.Tensor | None]) -> tuple:
@@ -97,7 +103,7 @@ def remember_precise(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list
     (made under ``torch.inference_mode()``): they have no version counter, so an edit could not be seen."""
     keys = []
     for cast, original in pairs:
-        if cast.is_inference():
+        if version(cast) < 0:
             continue
         key = id(cast)
         _PRECISE[key] = (weakref.ref(cast), cast.data_ptr(), version(cast), original.detach())

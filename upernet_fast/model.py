@@ -4,6 +4,7 @@ unless labels are given)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import os
@@ -124,7 +125,12 @@ class FastUperNet(nn.Module):
         UperNet in bf16), and keeps the model's results the same whenever its folds are rebuilt."""
         # the old data (also of a Parameter, whose .data the cast replaces), or its own kept original
         before = {name: folding.precise(t).detach() for name, t in self._named_tensors().items()}
-        result = super()._apply(fn, recurse)
+        # cast to normal tensors even under torch.inference_mode() (`.bfloat16()` there): inference tensors
+        # have no version counter, so their originals could not be kept. Not when the model already holds
+        # inference tensors (made in inference mode): a normal .data in an inference Parameter breaks ops
+        normal = not any(t.is_inference() for t in before.values())
+        with torch.inference_mode(False) if normal else contextlib.nullcontext():
+            result = super()._apply(fn, recurse)
         pairs = [
             (t, before[name])
             for name, t in self._named_tensors().items()
@@ -465,14 +471,17 @@ def load(
     dtype = checkpoint.resolve_dtype(dtype, torch_dtype)
     device = resolve_device(device)
     config, entries, stored = checkpoint.open_source(source)
-    model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune, bf16x3=bf16x3)
-    checkpoint.copy_state_dict(model, entries, strict=strict)
-    if dtype in (None, "auto"):
-        dtype = stored
-    if dtype == model.dtype:
-        dtype = None
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-        if stored is None or not folding.more_precise(stored, model.dtype):
-            model._forget_originals()  # built in float32 from a checkpoint that held no more than this
+    # normal tensors even when called under torch.inference_mode(): inference tensors have no version
+    # counter, so a cast model could not keep its float32 originals for the folds (`FastUperNet._apply`)
+    with torch.inference_mode(False):
+        model = FastUperNet(config, backend=backend, winograd=winograd, tune=tune, bf16x3=bf16x3)
+        checkpoint.copy_state_dict(model, entries, strict=strict)
+        if dtype in (None, "auto"):
+            dtype = stored
+        if dtype == model.dtype:
+            dtype = None
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+            if stored is None or not folding.more_precise(stored, model.dtype):
+                model._forget_originals()  # built in float32 from a checkpoint that held no more than this
     return model.eval()
