@@ -60,7 +60,7 @@ def test_loaded_inside_inference_mode(kind, tmp_path):
     ref = make_reference(kind)
     ref.save_pretrained(tmp_path)
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
-    outside = upernet_fast.load(ref, dtype=torch.bfloat16)
+    outside, to_cast = upernet_fast.load(ref, dtype=torch.bfloat16), upernet_fast.load(ref)
     with torch.inference_mode():
         expected = ref(x).logits
         from_dir, from_module = upernet_fast.load(tmp_path), upernet_fast.load(ref)
@@ -69,6 +69,9 @@ def test_loaded_inside_inference_mode(kind, tmp_path):
         cast = upernet_fast.load(ref, dtype=torch.bfloat16)
         assert cast._precise_keys
         assert torch.equal(cast(x.bfloat16()).logits, outside(x.bfloat16()).logits)
+        to_cast.bfloat16()  # cast in there: `_apply` makes normal tensors, which keep their originals
+        assert to_cast._precise_keys and not next(to_cast.parameters()).is_inference()
+        assert torch.equal(to_cast(x.bfloat16()).logits, outside(x.bfloat16()).logits)
         by_hand = upernet_fast.FastUperNet.from_config(ref.config).eval()
         by_hand.load_state_dict(ref.state_dict())
         assert next(by_hand.parameters()).is_inference()
