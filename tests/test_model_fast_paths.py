@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -141,9 +142,13 @@ def test_backend_env_default_and_triton_needs_interpreter(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_matches_eager_and_reference():
+@pytest.mark.parametrize("compile_eager", [False, True], ids=["traced", "eager-op"])
+def test_compile_fullgraph_matches_eager_and_reference(compile_eager):
+    """Traced (the plain ops, for Inductor: what torch.export sees) or, the CPU default, the eager forward as
+    one op: both compile with fullgraph=True and match eager and transformers."""
     ref = make_reference("convnext")
     fast = upernet_fast.load(ref, backend="torch")
+    fast.compile_eager = compile_eager
     x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(6))
     torch._dynamo.reset()
     compiled = torch.compile(fast, fullgraph=True)
@@ -151,14 +156,57 @@ def test_compile_fullgraph_matches_eager_and_reference():
         eager, out = fast(x).logits, compiled(x).logits
         compare_logits(eager, out, 1e-5)
         compare_logits(ref(x).logits, out, REL_TOL)
+        if compile_eager:  # the same computation, bit for bit
+            assert torch.equal(eager, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_runs_the_eager_forward_on_cpu(dtype):
+    """By default torch.compile runs the eager forward as one op on CPU: the same logits bit for bit (a bf16
+    model's float32 logits too), as a tuple with return_dict=False; a copy runs itself, not the original;
+    hidden states still go through the traced graph. Switched off (`compile_eager = False` or
+    UPERNET_FAST_COMPILE_EAGER=0), the traced graph runs."""
+    ref, other = make_reference("swin", seed=1), make_reference("swin", seed=2)
+    fast = upernet_fast.load(ref, dtype=dtype)
+    assert fast.compile_eager
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(9)).to(dtype)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fast(x).logits
+        compiled = torch.compile(fast, fullgraph=True)
+        out = compiled(x).logits
+        assert out.dtype == eager.dtype == torch.float32 and torch.equal(out, eager)
+        (as_tuple,) = compiled(x, return_dict=False)
+        assert torch.equal(as_tuple, eager)
+        copy_ = copy.deepcopy(fast)
+        copy_.load_state_dict(upernet_fast.load(other, dtype=dtype).state_dict())
+        assert torch.equal(torch.compile(copy_)(x).logits, copy_(x).logits)
+        assert not torch.equal(copy_(x).logits, eager)
+        hidden = compiled(x, output_hidden_states=True)
+        assert hidden.hidden_states is not None
+        if dtype == torch.float32:
+            compare_logits(eager, hidden.logits, 1e-5)
+        else:  # traced bf16: plain ops, folds from the bf16 parameters
+            compare_logits(eager, hidden.logits, 0.05, min_agree=0.99)
+
+
+def test_compile_eager_switch(monkeypatch):
+    monkeypatch.setenv(dispatch.COMPILE_EAGER_ENV_VAR, "0")
+    assert not upernet_fast.load(make_reference("convnext")).compile_eager
+    assert not dispatch.eager_under_compile(True, torch.device("meta"))  # only CPU was measured
+    monkeypatch.setenv(dispatch.COMPILE_EAGER_ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="UPERNET_FAST_COMPILE_EAGER"):
+        upernet_fast.load(make_reference("convnext"))
 
 
 @pytest.mark.slow
-def test_compiled_model_follows_load_state_dict():
-    """A compiled model takes the folded weights as constants: load_state_dict must drop them, or it keeps
-    computing with the old weights (seen: argmax agreement 3.5%)."""
+@pytest.mark.parametrize("compile_eager", [False, True], ids=["traced", "eager-op"])
+def test_compiled_model_follows_load_state_dict(compile_eager):
+    """A traced compiled model takes the folded weights as constants: load_state_dict must drop them, or it
+    keeps computing with the old weights (seen: argmax agreement 3.5%)."""
     ref, other = make_reference("convnext", seed=1), make_reference("convnext", seed=2)
     fast = upernet_fast.load(ref)
+    fast.compile_eager = compile_eager
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))
     torch._dynamo.reset()
     compiled = torch.compile(fast)

@@ -58,6 +58,8 @@ __all__ = [
     "mlp_bf16x3_decided",
     "note_mlp_bf16x3",
     "bf16x3_default",
+    "compile_eager_default",
+    "eager_under_compile",
     "check_backend",
     "ENV_VAR",
     "OPS",
@@ -83,6 +85,7 @@ ENV_VAR = "UPERNET_FAST_BACKEND"
 WINOGRAD_ENV_VAR = "UPERNET_FAST_WINOGRAD"
 TUNE_ENV_VAR = "UPERNET_FAST_TUNE"
 BF16X3_ENV_VAR = "UPERNET_FAST_BF16X3"
+COMPILE_EAGER_ENV_VAR = "UPERNET_FAST_COMPILE_EAGER"
 # Default rules, used when tuning is off (UPERNET_FAST_TUNE=0, load(tune=False)) or while compiling; with
 # tuning on, `tuning.winograd_tile` measures the choice on the machine. Chosen to be right on AVX2 and
 # AVX-512 machines alike (measured tables: bench/results/):
@@ -168,6 +171,22 @@ def winograd_default() -> bool:
 def bf16x3_default() -> bool:
     """The switch ``UPERNET_FAST_BF16X3`` (default on)."""
     return env_switch(BF16X3_ENV_VAR)
+
+
+def compile_eager_default() -> bool:
+    """The switch ``UPERNET_FAST_COMPILE_EAGER`` (default on): see ``eager_under_compile``."""
+    return env_switch(COMPILE_EAGER_ENV_VAR)
+
+
+def eager_under_compile(switch: bool, device: torch.device) -> bool:
+    """Whether ``torch.compile(model)`` runs the model's eager forward as one opaque op (its logits; traced
+    otherwise into plain ops for Inductor, as ``torch.export`` always is). On CPU, by default: the traced
+    graph loses the eager path's measured plan (tuned Winograd tiles, AMX bf16x3, oneDNN's fused bf16 ops,
+    the C helpers), and Inductor's fusions do not make up for it. ConvNeXt-T 512x512, 2 threads, compiled /
+    eager s: Xeon (AMX) fp32 1.45 / 0.50, bf16 0.48 / 0.23; the same Xeon capped to AVX2 fp32 1.37 / 0.86
+    (bench/results/decisions.md, "torch.compile runs the eager forward"). Elsewhere (CUDA: unmeasured)
+    it traces."""
+    return switch and device.type == "cpu"
 
 
 def amx_bf16() -> bool:

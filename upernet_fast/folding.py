@@ -131,7 +131,8 @@ def forget_precise(keys: Iterable[int]) -> None:
 def precise(t: T) -> T:
     """``t``'s full-precision original while ``t`` is unchanged since the cast that made it (same storage,
     no in-place edit), else ``t`` itself (also while tracing: a compiled graph folds the parameters)."""
-    if not _PRECISE or not isinstance(t, torch.Tensor) or torch.compiler.is_compiling():
+    # is_compiling first: dynamo must not read _PRECISE (it would guard on entries a finalizer may drop)
+    if torch.compiler.is_compiling() or not _PRECISE or not isinstance(t, torch.Tensor):
         return t
     entry = _PRECISE.get(id(t))
     if entry is None or entry[0]() is not t or entry[1] != t.data_ptr() or entry[2] != version(t):

@@ -25,6 +25,11 @@ from .kernels.conv_bn_relu import conv1x1_nchw_possible, conv1x1_to_nchw
 _ACCUMULATE_IN_FLOAT32 = (torch.bfloat16, torch.float16)
 
 
+def logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The logits' dtype for a model in `dtype`: float32 for bf16/fp16 (see `UperNetHead.classify`)."""
+    return torch.float32 if dtype in _ACCUMULATE_IN_FLOAT32 else dtype
+
+
 def _default_ops(x: torch.Tensor, ops: dispatch.Ops | None) -> dispatch.Ops:
     return dispatch.ops_for(None, x.device) if ops is None else ops
 

@@ -291,9 +291,10 @@ class SwinLayer(nn.Module):
         table = self.attention.self.relative_position_bias_table
         # Cache only when no autograd graph can need it; the version changes on every in-place load/copy_.
         cacheable = eager_inference()
-        key = (hp, wp, dtype, device, version(table), table.data_ptr())
-        if cacheable and (hit := self._cache.get(key)) is not None:
-            return hit
+        if cacheable:  # (not traced: dynamo refuses is_inference and data_ptr)
+            key = (hp, wp, dtype, device, version(table), table.data_ptr())
+            if (hit := self._cache.get(key)) is not None:
+                return hit
         n = self.window_size**2
         bias = table[self.attention.self.relative_position_index].view(n, n, -1).permute(2, 0, 1)[None]
         if self.shift_size > 0:
