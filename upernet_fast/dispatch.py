@@ -183,9 +183,9 @@ def eager_under_compile(switch: bool, device: torch.device) -> bool:
     otherwise into plain ops for Inductor, as ``torch.export`` always is). On CPU, by default: the traced
     graph loses the eager path's measured plan (tuned Winograd tiles, AMX bf16x3, oneDNN's fused bf16 ops,
     the C helpers), and Inductor's fusions do not make up for it. ConvNeXt-T 512x512, 2 threads, compiled /
-    eager s: Xeon (AMX) fp32 1.45 / 0.50, bf16 0.48 / 0.23; the same Xeon capped to AVX2 fp32 1.37 / 0.86
-    (bench/results/decisions.md, "torch.compile runs the eager forward"). Elsewhere (CUDA: unmeasured)
-    it traces."""
+    eager s: Xeon (AMX) fp32 1.45 / 0.50 (with Inductor's freezing 0.57 / 0.44), bf16 0.48 / 0.23; the same
+    Xeon capped to AVX2 fp32 1.37 / 0.86 (bench/results/decisions.md, "torch.compile runs the eager
+    forward"). Elsewhere (CUDA: unmeasured) it traces."""
     return switch and device.type == "cpu"
 
 
