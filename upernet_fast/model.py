@@ -63,7 +63,8 @@ class FastUperNet(nn.Module):
         split bfloat16 with a float32 result (~4-7e-6 relative error; None: `UPERNET_FAST_BF16X3`, else on);
         `tune`: measure CPU-dependent choices on this machine once, cached (None: `UPERNET_FAST_TUNE`, else
         on; off: the default rules). All are plain attributes: set them later to switch paths (see
-        `upernet_fast.dispatch`, `upernet_fast.tuning`)."""
+        `upernet_fast.dispatch`, `upernet_fast.tuning`). So is `compile_eager` (`UPERNET_FAST_COMPILE_EAGER`,
+        default on): under torch.compile on CPU, run the eager forward as one op (`dispatch.eager_under_compile`)."""
         super().__init__()
         self.config = config if isinstance(config, UperNetConfig) else UperNetConfig.from_any(config)
         self.backbone = build_backbone(self.config.backbone_config)
@@ -140,9 +141,8 @@ class FastUperNet(nn.Module):
         tensors = self._named_tensors()
         pairs = [(tensors[name], o) for name, o in originals.items() if name in tensors]
         self._precise_keys = folding.remember_precise(pairs)
-        self.__dict__.setdefault(
-            "compile_eager", dispatch.compile_eager_default()
-        )  # pickled before it existed
+        if "compile_eager" not in self.__dict__:  # pickled before the switch existed
+            self.compile_eager = dispatch.compile_eager_default()
         self._register()
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
