@@ -190,6 +190,18 @@ def test_compile_runs_the_eager_forward_on_cpu(dtype):
             compare_logits(eager, hidden.logits, 0.05, min_agree=0.99)
 
 
+def test_model_pickled_before_the_compile_switch_gets_it(monkeypatch):
+    """A model pickled by a version without `compile_eager` unpickles with the switch's default and a key
+    of its own for the compiled op."""
+    fast = upernet_fast.load(make_reference("convnext"))
+    state = fast.__getstate__()
+    del state["compile_eager"]
+    monkeypatch.setenv(dispatch.COMPILE_EAGER_ENV_VAR, "0")
+    old = upernet_fast.FastUperNet.__new__(upernet_fast.FastUperNet)
+    old.__setstate__(state)
+    assert old.compile_eager is False and old._model_key != fast._model_key
+
+
 def test_compile_eager_switch(monkeypatch):
     monkeypatch.setenv(dispatch.COMPILE_EAGER_ENV_VAR, "0")
     assert not upernet_fast.load(make_reference("convnext")).compile_eager
